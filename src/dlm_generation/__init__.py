@@ -1,0 +1,38 @@
+"""dlm-generation: fast, faithful generation for diffusion language models on Hugging Face transformers.
+
+Importing the package registers the LLaDA ("llada") and Dream ("Dream") model types with `AutoConfig`,
+`AutoModel` and `AutoModelForCausalLM`, so `AutoModelForCausalLM.from_pretrained(path)` works without
+`trust_remote_code`, and models saved from these classes carry their code for `trust_remote_code=True` users.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_diffusion import DiffusionGenerationConfig
+from .configuration_dream import DreamConfig
+from .configuration_llada import LLaDAConfig
+from .diffusion_cache import DIFFUSION_CACHE_CLASSES, DiffusionCache
+from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
+from .modeling_dream import DreamModel
+from .modeling_llada import LLaDAModelLM
+
+__version__ = "0.1.0"
+
+for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+    # save_pretrained / push_to_hub copy the modeling code (and its sibling imports) next to the weights.
+    _config.register_for_auto_class("AutoConfig")
+    _model.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "DIFFUSION_CACHE_CLASSES",
+    "DiffusionCache",
+    "DiffusionGenerateOutput",
+    "DiffusionGenerationConfig",
+    "DiffusionGenerationMixin",
+    "DreamConfig",
+    "DreamModel",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+]
