@@ -205,6 +205,11 @@ class DiffusionGenerationConfig(GenerationConfig):
                 "alg='origin' reveals random positions and has no confidence to threshold; use another alg with "
                 "threshold/factor, or drop threshold/factor."
             )
+        if self.alg == "entropy" and (self.threshold is not None or self.factor is not None):
+            errors.append(
+                "threshold/factor compare confidences with probabilities, but alg='entropy' scores by negative entropy "
+                "(<= 0); use alg='maskgit_plus' (or 'low_confidence', 'topk_margin') with threshold/factor."
+            )
         if self.alg == "confidence_threshold" and self.factor is not None:
             errors.append("alg='confidence_threshold' is a threshold policy; it cannot be combined with factor.")
         if self.block_length is not None and self.max_new_tokens is not None and _is_int(self.block_length):

@@ -1,0 +1,205 @@
+"""Behaviour of the denoising loop beyond the golden vectors: batching, early stop, hooks, outputs, pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    MaxTimeCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    SuppressTokensLogitsProcessor,
+    pipeline,
+)
+from transformers.generation.streamers import BaseStreamer
+
+import dlm_generation  # noqa: F401
+
+CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+FAMILIES = ["llada", "dream"]
+MASK, EOS, EOT = 500, 501, 502
+PROMPT = torch.tensor([[495, 65, 138, 430, 447, 294, 491, 416, 151, 336]])
+PROMPT_E = None  # filled lazily from the golden case where LLaDA predicts EOS
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return AutoModelForCausalLM.from_pretrained(CARDS / f"tiny-random-{family}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(family):
+    return AutoTokenizer.from_pretrained(CARDS / f"tiny-random-{family}")
+
+
+def test_output_fields(model):
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=8, return_dict_in_generate=True,
+                                   output_history=True)
+    assert out.sequences.shape == (1, 26)
+    assert torch.equal(out.sequences[:, :10], PROMPT)
+    assert not (out.sequences == MASK).any()
+    assert out.nfe == 8 and len(out.history) == 8
+    assert torch.equal(out.history[-1], out.sequences)
+    assert out.tokens_per_forward.shape == (1,)
+    assert 0 < float(out.tokens_per_forward[0]) <= 16 / 8
+    # Without return_dict_in_generate the tensor comes back, like upstream generate.
+    plain = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=8)
+    assert torch.equal(plain, out.sequences)
+
+
+def test_left_padded_row_equals_row_alone(model):
+    """Left padding with an attention mask gives each row the result it gets alone (LLaDA's original ignored masks)."""
+    short = torch.tensor([[271, 68, 306, 195, 186, 232, 56]])
+    batch = torch.cat([PROMPT, torch.cat([torch.full((1, 3), EOS), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kwargs = dict(max_new_tokens=16, steps=16, block_length=8)
+    together = model.diffusion_generate(batch, attention_mask=mask, **kwargs)
+    alone = model.diffusion_generate(short, **kwargs)
+    assert together[1, 10:].tolist() == alone[0, 7:].tolist()
+    alone0 = model.diffusion_generate(PROMPT, **kwargs)
+    assert together[0].tolist() == alone0[0].tolist()
+
+
+def test_threshold_commits_several_tokens_per_forward(model):
+    vanilla = model.diffusion_generate(PROMPT, max_new_tokens=32, block_length=8, return_dict_in_generate=True)
+    fast = model.diffusion_generate(PROMPT, max_new_tokens=32, block_length=8, threshold=0.5,
+                                    alg="maskgit_plus", return_dict_in_generate=True)
+    assert vanilla.nfe == 32
+    assert fast.nfe < vanilla.nfe
+    assert not (fast.sequences == MASK).any()
+
+
+def test_eos_early_stop_is_lossless(model):
+    """Rows stop once everything before their first stop token is settled; the text up to it is unchanged."""
+    batch = torch.cat([PROMPT, torch.tensor([[204, 404, 14, 299, 151, 24, 64, 237, 386, 2]])])
+    kwargs = dict(max_new_tokens=32, steps=32, block_length=8, return_dict_in_generate=True, eot_token_id=EOT)
+    full = model.diffusion_generate(batch, **kwargs)
+    early = model.diffusion_generate(batch, eos_early_stop=True, **kwargs)
+    stopped_any = False
+    for row in range(2):
+        gen_full, gen_early = full.sequences[row, 10:].tolist(), early.sequences[row, 10:].tolist()
+        stops = [i for i, t in enumerate(gen_full) if t in (EOS, EOT)]
+        if not stops:
+            assert gen_early == gen_full
+            continue
+        stopped_any = True
+        first = stops[0]
+        assert gen_early[: first + 1] == gen_full[: first + 1]
+        assert all(t == EOS for t in gen_early[first + 1:]), "what follows the stop token becomes pad"
+    assert stopped_any, "the tiny random models emit EOS/EoT on these prompts"
+    assert early.nfe <= full.nfe
+
+
+def test_logits_processor_hook(model):
+    """A shape-safe upstream processor acts on the (batch, window, vocab) diffusion logits."""
+    banned = list(range(0, 250))
+    out = model.diffusion_generate(
+        PROMPT, max_new_tokens=16, steps=16, logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor(banned)])
+    )
+    assert (out[0, 10:] >= 250).all()
+
+
+def test_stopping_criteria_hook(model):
+    class StopAfterSteps(StoppingCriteria):
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            assert input_ids.shape == (1, 42)
+            return torch.full((input_ids.shape[0],), self.calls >= self.n, dtype=torch.bool)
+
+    criterion = StopAfterSteps(3)
+    out = model.diffusion_generate(PROMPT, max_new_tokens=32, steps=32, block_length=8,
+                                   stopping_criteria=StoppingCriteriaList([criterion]), return_dict_in_generate=True)
+    assert out.nfe == 3
+    assert not (out.sequences == MASK).any(), "masks of a stopped row become pad"
+    # Upstream criteria work unchanged.
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, stopping_criteria=[MaxTimeCriteria(60.0)],
+                                   return_dict_in_generate=True)
+    assert out.nfe == 16
+
+
+def test_streamer_receives_settled_text(model):
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=16, block_length=4, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == PROMPT[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, 10:].tolist()
+
+
+def test_num_return_sequences_and_sampling(model):
+    torch.manual_seed(0)
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, temperature=1.0, num_return_sequences=3)
+    assert out.shape == (3, 26)
+    assert len({tuple(row) for row in out.tolist()}) > 1, "sampling with temperature 1 differs between rows"
+    greedy = model.diffusion_generate(PROMPT, max_new_tokens=16, temperature=1.0, do_sample=False)
+    assert torch.equal(greedy, model.diffusion_generate(PROMPT, max_new_tokens=16))
+
+
+def test_cfg_and_alg_variants_run(model):
+    for kwargs in (dict(cfg_scale=1.0), dict(alg="topk_margin"), dict(alg="entropy"), dict(alg="random"),
+                   dict(alg="origin", schedule="eps"), dict(factor=1.0, alg="maskgit_plus"), dict(alg="confidence_threshold"),
+                   dict(top_k=3, top_p=0.9, temperature=0.7), dict(alg_temp=0.5, alg="entropy")):
+        out = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=8, block_length=8,
+                                       return_dict_in_generate=True, **kwargs)
+        assert not (out.sequences == MASK).any(), kwargs
+
+
+def test_generate_is_the_same_loop(model):
+    out = model.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=16, use_cache=True)
+    assert torch.equal(out, model.diffusion_generate(PROMPT, max_new_tokens=16))
+
+
+def test_pipeline_text_generation(model, tokenizer):
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompt = "Question: Tom has 3 apples"
+    full = generator(prompt, max_new_tokens=16)[0]["generated_text"]
+    new = generator(prompt, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
+    assert full.startswith(prompt)
+    assert full == prompt + new
+    # Pipeline defaults (do_sample=True, temperature 0.7) are overridden by the model's greedy generation config:
+    # two calls give the same text.
+    assert generator(prompt, max_new_tokens=16, return_full_text=False)[0]["generated_text"] == new
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = tokenizer.decode(model.diffusion_generate(ids, max_new_tokens=16)[0, ids.shape[1]:],
+                                skip_special_tokens=True)
+    assert new == expected
+    batched = generator([prompt, "Hello"], max_new_tokens=16, return_full_text=False, batch_size=2)
+    assert batched[0][0]["generated_text"] == new
+
+
+def test_pipeline_stop_strings(model, tokenizer):
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompt = "Question: Tom has 3 apples"
+    text = generator(prompt, max_new_tokens=24, return_full_text=False)[0]["generated_text"]
+    stop = text[2:4]
+    stopped = generator(prompt, max_new_tokens=24, return_full_text=False, stop_sequence=stop)[0]["generated_text"]
+    assert stop in stopped and len(stopped) <= len(text)
+    assert stopped.endswith(stop) or stopped.index(stop) + len(stop) >= len(stopped) - 4
+
+
+def test_stop_strings_need_tokenizer(model):
+    with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
+        model.diffusion_generate(PROMPT, max_new_tokens=8, stop_strings=["x"])
