@@ -171,15 +171,6 @@ def test_dream_rope_scaling_null_means_plain_rope(name):
     assert config.to_dict().get("rope_parameters") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason=(
-        "DreamConfig with rope_scaling=None never sets `rope_parameters`, so transformers' `rope_scaling` property "
-        "(PreTrainedConfig.rope_scaling -> self.rope_parameters) raises AttributeError instead of returning None; "
-        "the Hub DreamConfig exposed `config.rope_scaling` (None) and the Hub Dream/Qwen2 rotary code reads it."
-    ),
-)
 def test_dream_config_rope_scaling_attribute_is_none():
     config = AutoConfig.from_pretrained(CHECKPOINTS / DREAM_CHECKPOINTS[0])
     assert config.rope_scaling is None
