@@ -275,12 +275,15 @@ class DiffusionGenerationMixin(GenerationMixin):
                 f"input_ids must be an integer tensor of shape (batch, prompt_len); got "
                 f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')}. Use tokenizer(..., return_tensors='pt')."
             )
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids has an empty prompt; pass at least one token (e.g. the bos token).")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: pass at least one prompt of at least one token "
+                "(e.g. the bos token)."
+            )
         vocab = self.get_input_embeddings().num_embeddings
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"input_ids contains ids outside the model's vocabulary [0, {vocab}).")
-        if config.mask_token_id >= vocab:
+        if config.mask_token_id is not None and config.mask_token_id >= vocab:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary [0, {vocab}).")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
