@@ -218,6 +218,7 @@ def test_remote_code_loads_and_generates_identically_without_the_package(saved, 
         import torch
         from transformers import AutoModelForCausalLM
 
+        torch.set_num_threads(1)  # same as the parent (tests/conftest.py): bitwise-identical float reductions
         folder, calls_json, logits_path, src_dir = sys.argv[1:5]
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
         cls = type(model)
@@ -277,7 +278,7 @@ def test_remote_code_loads_and_generates_identically_without_the_package(saved, 
     payload = json.loads(lines[0][len("RESULTS=") :])
     assert payload["class"] == saved.family.model_class.__name__
     assert payload["results"] == saved.reference
-    torch.testing.assert_close(torch.load(logits_path), saved.reference_logits, rtol=1e-5, atol=1e-5)  # thread counts may differ
+    torch.testing.assert_close(torch.load(logits_path), saved.reference_logits, rtol=0, atol=0)
     # transformers copied the code into the temporary modules cache, not into the user's cache.
     copied = {p.name for p in modules_cache.rglob("*.py")}
     assert set(saved.family.code_files) <= copied
