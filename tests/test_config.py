@@ -897,3 +897,12 @@ def test_loaded_llada_generation_config(llada):
     assert config.schedule == "linear" and config.alg == "low_confidence" and config.temperature == 0.0
     assert config.steps is None and config.block_length is None
     config.validate()
+
+
+def test_explicit_none_kwarg_falls_back_to_the_family_default():
+    """Dream's call style passes None for unused fields: None means "the default", the family's first."""
+    from transformers import AutoModelForCausalLM
+
+    dream = AutoModelForCausalLM.from_pretrained(GOLDEN / "tiny-dream")
+    resolved = dream._prepare_generation_config(None, {"alg": None, "top_p": None, "schedule": None})
+    assert (resolved.alg, resolved.schedule, resolved.top_p) == ("entropy", "eps", None)

@@ -252,8 +252,10 @@ class DiffusionGenerationMixin(GenerationMixin):
         resolved = dict(LIBRARY_DEFAULTS)
         for layer in layers:
             resolved.update({k: v for k, v in layer.items() if v is not None})
-        # Explicit call kwargs win even when None: None then means "back to the library default".
-        resolved.update({k: (v if v is not None else LIBRARY_DEFAULTS.get(k)) for k, v in call_kwargs.items()})
+        # Explicit call kwargs win even when None (Dream's call style passes top_p=None, alg_temp=None, ...):
+        # None then means "back to the default", the family's if it has one, else the library's.
+        defaults = {**LIBRARY_DEFAULTS, **self.diffusion_generation_defaults}
+        resolved.update({k: (v if v is not None else defaults.get(k)) for k, v in call_kwargs.items()})
         for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
             if resolved.get(name) is None:
                 resolved[name] = getattr(self.config, name, None)
