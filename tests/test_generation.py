@@ -203,3 +203,14 @@ def test_pipeline_stop_strings(model, tokenizer):
 def test_stop_strings_need_tokenizer(model):
     with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
         model.diffusion_generate(PROMPT, max_new_tokens=8, stop_strings=["x"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_model_code_is_current(family):
+    """The code files in model_cards/ are the library's (rebuild with examples/build_tiny_random_models.py)."""
+    src = Path(dlm_generation.__file__).parent
+    folder = CARDS / f"tiny-random-{family}"
+    shipped = sorted(folder.glob("*.py"))
+    assert len(shipped) == 7
+    for path in shipped:
+        assert path.read_text() == (src / path.name).read_text(), f"{path} is stale"

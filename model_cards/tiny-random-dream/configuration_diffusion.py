@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from typing import Any
 
 from transformers import GenerationConfig
@@ -77,6 +78,11 @@ UNSUPPORTED_AR_FIELDS: dict[str, tuple[Any, str]] = {
     "min_length": (0, "the canvas length is fixed by max_new_tokens"),
     "prompt_lookup_num_tokens": (None, "prompt lookup is autoregressive speculative decoding"),
     "watermarking_config": (None, "watermarking assumes left-to-right sampling"),
+    "min_p": (None, "not implemented for diffusion logits; use top_p or top_k"),
+    "typical_p": (1.0, "not implemented for diffusion logits; use top_p or top_k"),
+    "guidance_scale": (None, "use cfg_scale for classifier-free guidance"),
+    "bad_words_ids": (None, "pass a SuppressTokensLogitsProcessor through logits_processor instead"),
+    "suppress_tokens": (None, "pass a SuppressTokensLogitsProcessor through logits_processor instead"),
 }
 
 
@@ -162,8 +168,8 @@ class DiffusionGenerationConfig(GenerationConfig):
 
         def non_negative(name: str) -> None:
             value = getattr(self, name, None)
-            if value is not None and (not _is_number(value) or value < 0):
-                errors.append(f"{name} must be a number >= 0, got {value!r}.")
+            if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+                errors.append(f"{name} must be a finite number >= 0, got {value!r}.")
 
         def boolean(name: str) -> None:
             value = getattr(self, name, None)
@@ -204,6 +210,11 @@ class DiffusionGenerationConfig(GenerationConfig):
             errors.append(
                 "alg='origin' reveals random positions and has no confidence to threshold; use another alg with "
                 "threshold/factor, or drop threshold/factor."
+            )
+        if self.alg == "entropy" and (self.threshold is not None or self.factor is not None):
+            errors.append(
+                "threshold/factor compare confidences with probabilities, but alg='entropy' scores by negative entropy "
+                "(<= 0); use alg='maskgit_plus' (or 'low_confidence', 'topk_margin') with threshold/factor."
             )
         if self.alg == "confidence_threshold" and self.factor is not None:
             errors.append("alg='confidence_threshold' is a threshold policy; it cannot be combined with factor.")

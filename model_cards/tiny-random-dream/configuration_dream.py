@@ -76,8 +76,8 @@ class DreamConfig(PreTrainedConfig):
         self.mask_token_id = mask_token_id
         # A saved model must name all three auto classes so that it loads with trust_remote_code alone.
         self.auto_map = {**DREAM_AUTO_MAP, **(auto_map or {})}
-        if rope_scaling is not None:  # transformers v5 keeps RoPE settings under rope_parameters
-            kwargs["rope_parameters"] = rope_scaling
+        # transformers v5 keeps RoPE settings under rope_parameters (rope_scaling is its read-only alias).
+        kwargs.setdefault("rope_parameters", rope_scaling)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

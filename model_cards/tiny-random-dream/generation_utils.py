@@ -252,8 +252,10 @@ class DiffusionGenerationMixin(GenerationMixin):
         resolved = dict(LIBRARY_DEFAULTS)
         for layer in layers:
             resolved.update({k: v for k, v in layer.items() if v is not None})
-        # Explicit call kwargs win even when None: None then means "back to the library default".
-        resolved.update({k: (v if v is not None else LIBRARY_DEFAULTS.get(k)) for k, v in call_kwargs.items()})
+        # Explicit call kwargs win even when None (Dream's call style passes top_p=None, alg_temp=None, ...):
+        # None then means "back to the default", the family's if it has one, else the library's.
+        defaults = {**LIBRARY_DEFAULTS, **self.diffusion_generation_defaults}
+        resolved.update({k: (v if v is not None else defaults.get(k)) for k, v in call_kwargs.items()})
         for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
             if resolved.get(name) is None:
                 resolved[name] = getattr(self.config, name, None)
@@ -275,12 +277,15 @@ class DiffusionGenerationMixin(GenerationMixin):
                 f"input_ids must be an integer tensor of shape (batch, prompt_len); got "
                 f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')}. Use tokenizer(..., return_tensors='pt')."
             )
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids has an empty prompt; pass at least one token (e.g. the bos token).")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: pass at least one prompt of at least one token "
+                "(e.g. the bos token)."
+            )
         vocab = self.get_input_embeddings().num_embeddings
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"input_ids contains ids outside the model's vocabulary [0, {vocab}).")
-        if config.mask_token_id >= vocab:
+        if config.mask_token_id is not None and config.mask_token_id >= vocab:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary [0, {vocab}).")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
