@@ -69,6 +69,29 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+CARD = """---
+library_name: dlm-generation
+tags: [diffusion-language-model, {family}, tiny, random]
+---
+# tiny-random-{family}
+
+A {params:,}-parameter {arch} with **random weights** (the checkpoint of the golden reference vectors in
+`tests/fixtures/golden/tiny-{family}`), plus a byte-level BPE tokenizer trained on a small built-in corpus (ids
+0-499; `<|mdm_mask|>` 500, `<|endoftext|>` 501 = EOS = pad, `<|eot_id|>` 502, `<|startoftext|>` 503). It produces
+gibberish: it exists to run and test the dlm-generation API offline in seconds. Built by
+`examples/build_tiny_random_models.py`; not trained.
+
+```python
+import dlm_generation  # or: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) without it
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("model_cards/tiny-random-{family}")
+tokenizer = AutoTokenizer.from_pretrained("model_cards/tiny-random-{family}")
+ids = tokenizer("Hello", return_tensors="pt").input_ids
+print(tokenizer.decode(model.diffusion_generate(ids, max_new_tokens=16)[0]))
+```
+"""
+
+
 def main() -> None:
     tokenizer = build_tokenizer()
     for family in ("llada", "dream"):
@@ -80,6 +103,8 @@ def main() -> None:
             model.generation_config.steps = None
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        arch = "LLaDA (LLaMA-style blocks)" if family == "llada" else "Dream (Qwen2 layout, shifted logits)"
+        (folder / "README.md").write_text(CARD.format(family=family, params=model.num_parameters(), arch=arch))
         print(f"wrote {folder}")
 
 
