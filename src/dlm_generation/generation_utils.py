@@ -390,10 +390,10 @@ class DiffusionGenerationMixin(GenerationMixin):
 
     def _update_finished(self, canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer):
         """Mark rows as finished; pad what follows a row's stop (eos_early_stop, stop_strings) or its masks."""
-        generated = canvas[:, prompt_len:]
-        is_mask = generated == config.mask_token_id
         pad_id = config.pad_token_id if config.pad_token_id is not None else config.mask_token_id
         if config.eos_early_stop and stop_ids.numel():
+            generated = canvas[:, prompt_len:]
+            is_mask = generated == config.mask_token_id
             masks_before = is_mask.long().cumsum(-1) - is_mask.long()
             settled_stop = torch.isin(generated, stop_ids) & (masks_before == 0)
             first = torch.where(settled_stop.any(-1), settled_stop.long().argmax(-1), generated.shape[1])
