@@ -136,3 +136,18 @@ def default_position_ids(
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == length:
         return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     return torch.arange(length, device=device).unsqueeze(0).expand(batch_size, length)
+
+
+def layer_inputs(
+    rotary: DiffusionRotaryEmbedding,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """The per-forward inputs every layer shares: rotary tables at the query positions and the SDPA mask."""
+    batch, q_len, _ = hidden_states.shape
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask, batch, q_len, hidden_states.device)
+    key_length = attention_mask.shape[-1] if attention_mask is not None else q_len
+    mask = build_attention_mask(attention_mask, batch, key_length, hidden_states.dtype)
+    return rotary(position_ids, hidden_states.dtype), mask

@@ -32,9 +32,8 @@ from .modeling_diffusion_utils import (
     DiffusionRMSNorm,
     DiffusionRotaryEmbedding,
     apply_rotary,
-    build_attention_mask,
-    default_position_ids,
     diffusion_attention,
+    layer_inputs,
     select_logit_positions,
 )
 
@@ -118,13 +117,8 @@ class LLaDAModel(LLaDAPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, q_len, _ = x.shape
         cache = past_key_values if past_key_values is not None else DiffusionCache()
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, batch, q_len, x.device)
-        key_length = attention_mask.shape[-1] if attention_mask is not None else q_len
-        mask = build_attention_mask(attention_mask, batch, key_length, x.dtype)
-        rotary = self.rotary(position_ids, x.dtype)
+        rotary, mask = layer_inputs(self.rotary, x, attention_mask, position_ids)
         for block in self.transformer.blocks:
             x = block(x, rotary, mask, cache)
         x = self.transformer.ln_f(select_logit_positions(x, logits_to_keep))
