@@ -289,19 +289,19 @@ def test_check_resolved_steps_not_multiple_of_blocks():
     config = DiffusionGenerationConfig(max_new_tokens=8, block_length=4, steps=3, mask_token_id=MASK_ID)
     with raises(r"steps \(3\) must be a multiple of the number of blocks \(2 = max_new_tokens 8 / block_length 4\); "
                 r"every block gets steps / num_blocks steps"):
-        config.check_resolved(prompt_length=3)
+        config.check_resolved()
 
 
 def test_check_resolved_no_mask_token_id():
     config = DiffusionGenerationConfig(max_new_tokens=8, steps=8)
     with raises(r"No mask token id: the model config has no mask_token_id and none was passed; pass mask_token_id="):
-        config.check_resolved(prompt_length=3)
+        config.check_resolved()
 
 
 @pytest.mark.parametrize("block_length, steps", [(None, 8), (None, 3), (4, 2), (4, 6), (2, 4), (8, 1)])
 def test_check_resolved_accepts(block_length, steps):
     DiffusionGenerationConfig(max_new_tokens=8, block_length=block_length, steps=steps,
-                              mask_token_id=MASK_ID).check_resolved(prompt_length=3)
+                              mask_token_id=MASK_ID).check_resolved()
 
 
 def test_steps_not_multiple_of_blocks_through_generate(llada):

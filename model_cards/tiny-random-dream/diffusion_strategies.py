@@ -142,7 +142,7 @@ class StepContext:
     step: int  # 0-based step index inside the current block
     count: torch.Tensor  # (batch,) the schedule's number of positions to commit
     remaining: torch.Tensor  # (batch,) eligible masks before this step
-    reveal_fraction: torch.Tensor  # (batch,) origin: probability of revealing each eligible mask
+    schedule: LinearSchedule | EpsSchedule  # for policies that need more than the count (origin)
 
 
 def descending_ranks(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,9 +203,9 @@ class BudgetedThresholdPolicy(ThresholdPolicy):
 
     def begin_block(self, eligible, steps_in_block):
         self.steps = steps_in_block
-        self.cumulative = torch.stack(
-            [(eligible // steps_in_block) * (i + 1) + torch.clamp(eligible % steps_in_block, max=i + 1)
-             for i in range(steps_in_block)], dim=-1)
+        steps_done = torch.arange(1, steps_in_block + 1, device=eligible.device)  # (steps,)
+        base, remainder = (eligible // steps_in_block)[:, None], (eligible % steps_in_block)[:, None]
+        self.cumulative = base * steps_done + torch.minimum(remainder, steps_done)  # (batch, steps)
         self.start = eligible
 
     def select(self, confidence, eligible, ctx):
@@ -243,7 +243,7 @@ class OriginPolicy(CommitPolicy):
 
     def select(self, confidence, eligible, ctx):
         draw = torch.rand(confidence.shape, device=confidence.device)
-        return eligible & (draw < ctx.reveal_fraction[:, None])
+        return eligible & (draw < ctx.schedule.reveal_fraction(ctx.step, ctx.remaining)[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------- assembly

@@ -191,7 +191,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                     step=step,
                     count=strategies.schedule.count(step, remaining),
                     remaining=remaining,
-                    reveal_fraction=strategies.schedule.reveal_fraction(step, remaining),
+                    schedule=strategies.schedule,
                 )
                 commit = strategies.policy.select(confidence, eligible, ctx)
                 canvas[:, window_start:block_end] = torch.where(commit, proposal.tokens, window)
@@ -203,10 +203,8 @@ class DiffusionGenerationMixin(GenerationMixin):
                     history.append(canvas.clone())
                 if streamer is not None:
                     streamed = self._stream_settled(streamer, canvas, streamed, mask_id)
-                if bool(finished.all()):
-                    break
-            if bool(finished.all()):
-                break
+                # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
+                # sync) also ends the block, and every later block, once all rows are finished.
 
         # 5. outputs
         if streamer is not None:
@@ -320,7 +318,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         if config.steps is None:
             config.steps = config.max_new_tokens
         config.validate()
-        config.check_resolved(prompt_len)
+        config.check_resolved()
         return config
 
     # ------------------------------------------------------------------------------------------ 2-3. set-up

@@ -238,7 +238,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         if errors:
             raise ValueError("Invalid diffusion generation config:\n  - " + "\n  - ".join(errors))
 
-    def check_resolved(self, prompt_length: int) -> None:
+    def check_resolved(self) -> None:
         """Checks that need resolved values (after precedence): steps against the number of blocks."""
         num_blocks = self.max_new_tokens // (self.block_length or self.max_new_tokens)
         if self.steps % num_blocks:
