@@ -110,6 +110,28 @@ def test_logits_processor_hook(model):
     assert (out[0, 10:] >= 250).all()
 
 
+class FavourMask:
+    """A processor that makes the mask token every position's argmax (a model can predict its own mask id)."""
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[..., MASK] = scores.max() + 10.0
+        return scores
+
+
+@pytest.mark.parametrize(
+    "config", [dict(steps=16), dict(alg="low_confidence", threshold=0.9), dict(alg="confidence_threshold", threshold=0.9)]
+)
+def test_mask_token_is_never_committed(model, config):
+    """Regression: a predicted mask id used to be committed, stay masked, and the step loop never ended."""
+    out = model.diffusion_generate(
+        PROMPT, max_new_tokens=16, block_length=8, logits_processor=LogitsProcessorList([FavourMask()]),
+        return_dict_in_generate=True, **config,
+    )
+    assert (out.sequences[0, 10:] != MASK).all()
+    assert out.nfe <= 16
+
+
 def test_stopping_criteria_hook(model):
     class StopAfterSteps(StoppingCriteria):
         def __init__(self, n):

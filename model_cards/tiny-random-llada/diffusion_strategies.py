@@ -97,6 +97,7 @@ def propose_tokens(
     top_k: int | None,
     top_p: float | None,
     confidence_excluded_ids: torch.Tensor | None = None,
+    mask_token_id: int | None = None,
 ) -> Proposal:
     """Draw a token at every position of `logits` (batch, window, vocab) and score it.
 
@@ -107,17 +108,22 @@ def propose_tokens(
     `entropy`: sum p log p (negative entropy); `random`: uniform; `origin`: none (zeros, positions are random).
     `confidence_excluded_ids` (LLaDA's `confidence_eos_eot_inf`) are removed from p after the token is drawn, so a
     proposed EOS/EoT gets confidence 0.
+    `mask_token_id` is never drawn (a committed mask would stay masked, and the loop would never end); it still
+    counts in the confidence distribution, so any step whose argmax is not the mask matches the references bitwise.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if top_k is not None or (top_p is not None and top_p < 1):
         tempered = logits / temperature if temperature > 0 else logits
         kept = filter_top_k_top_p(tempered, top_k, top_p) > torch.finfo(logits.dtype).min
         logits = logits.masked_fill(~kept, torch.finfo(logits.dtype).min)
+    drawn = logits
+    if mask_token_id is not None:
+        drawn = logits.index_fill(-1, torch.tensor([mask_token_id], device=logits.device), NEG_INF)
     if temperature > 0:
         uniform = torch.rand(logits.shape, dtype=torch.float64, device=logits.device)
-        tokens = (logits.to(torch.float64) - temperature * torch.log(-torch.log(uniform))).argmax(-1)
+        tokens = (drawn.to(torch.float64) - temperature * torch.log(-torch.log(uniform))).argmax(-1)
     else:
-        tokens = logits.argmax(-1)
+        tokens = drawn.argmax(-1)
 
     if alg == "random":
         return Proposal(tokens, torch.rand(tokens.shape, device=tokens.device))

@@ -168,12 +168,21 @@ class DiffusionGenerationMixin(GenerationMixin):
             strategies.policy.begin_block(eligible_counts, steps_in_block)
             cache.begin_block(block_end - block_length, block_end)
             step = 0
+            # Every policy commits at least one token per row within its step budget, so this bound is never
+            # reached; it turns a future policy bug into an error instead of a hang.
+            max_steps = steps_in_block + (block_end - window_start)
             while True:
                 window = canvas[:, window_start:block_end]
                 eligible = (window == mask_id) & ~finished[:, None]
                 remaining = eligible.sum(-1)
                 if not bool((remaining > 0).any()):
                     break
+                if step >= max_steps:
+                    raise RuntimeError(
+                        f"diffusion_generate made no progress: block {block} still has masked positions after"
+                        f" {step} steps (alg={config.alg!r}, threshold={config.threshold}, factor={config.factor})."
+                        " Please report this with the configuration."
+                    )
                 # 4.1-4.2 logits of the window
                 logits = self._window_logits(
                     canvas, padding_mask, position_ids, uncond_prompt, cache, window_start, block_end, config
@@ -183,7 +192,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                     logits = processor(canvas, logits)
                 # 4.3 proposals
                 proposal = propose_tokens(
-                    logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids
+                    logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_id
                 )
                 confidence = torch.where(eligible, proposal.confidence, NEG_INF)
                 # 4.4 commit
