@@ -8,6 +8,8 @@ tokenizer trained here with `tokenizers` on a small built-in corpus (ids 0-499) 
 They produce gibberish (the weights are random): they exist to run the API offline in seconds. Usage:
 
     python examples/build_tiny_random_models.py            # rewrites model_cards/tiny-random-*
+
+It also refreshes the code files of the trained models (model_cards/tiny-{llada,dream}-chain-arith).
 """
 
 from __future__ import annotations
@@ -106,6 +108,19 @@ def main() -> None:
         arch = "LLaDA (LLaMA-style blocks)" if family == "llada" else "Dream (Qwen2 layout, shifted logits)"
         (folder / "README.md").write_text(CARD.format(family=family, params=model.num_parameters(), arch=arch))
         print(f"wrote {folder}")
+    refresh_trained_model_code()
+
+
+def refresh_trained_model_code() -> None:
+    """Re-save the trained chain-arith diffusion models in place, so their code files match the library's.
+
+    Weights, config.json and generation_config.json are written back unchanged; tokenizer files and cards stay.
+    """
+    for family in ("llada", "dream"):
+        folder = CARDS / f"tiny-{family}-chain-arith"
+        if (folder / "config.json").exists():
+            AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)
+            print(f"refreshed the code files of {folder}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,319 @@
+"""Train the tiny chain-arith models shipped in model_cards/ (CPU, float32, seeded, resumable).
+
+Three kinds, one script:
+
+* ``--kind ar``: a Qwen2 causal LM (transformers' own class), next-token loss on the completion and its EOS.
+  The autoregressive baseline and the guide model for AR-guided diffusion.
+* ``--kind dream``: the Dream architecture (bidirectional Qwen2) initialised from an AR checkpoint and adapted with
+  the *shifted* masked-diffusion objective: the logits at position i-1 predict the masked token at position i
+  (how Dream-7B was made from Qwen2.5-7B).
+* ``--kind llada``: the LLaDA architecture with the unshifted masked-diffusion objective (the logits at a masked
+  position predict its own token); from scratch, or from an AR checkpoint with ``--init-from``.
+
+Masked-diffusion objective (LLaDA's SFT): the prompt is never masked; the completion is followed by EOS padding
+to a canvas of at least ``--canvas`` positions (the rest of the batch's length is EOS too), each canvas position
+is masked with probability t ~ U(eps, 1) (stratified over the batch), and the loss is the cross-entropy on masked
+positions weighted 1/t and divided by the row's canvas length.
+
+Resumable: a checkpoint (model, optimizer, step, elapsed time, learning curve) is written to ``--out`` every
+``--save-minutes`` and when the time budget (``--minutes``) runs out or the process gets SIGTERM; running the
+same command again continues from it. The data order depends only on the step number, so a resumed run sees
+exactly the batches an uninterrupted run would. ``--export FOLDER`` writes the best checkpoint (by dev accuracy
+on the first ``--eval-problems`` dev problems, vanilla decoding) as a complete Hugging Face model folder.
+
+    python examples/train_chain_arith.py --kind ar --out runs/ar --minutes 60          # train (resumes)
+    python examples/train_chain_arith.py --kind ar --out runs/ar --export model_cards/tiny-ar-chain-arith
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from dlm_generation import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+from dlm_generation.benchmark import BASE_CONFIG, solve
+from dlm_generation.tasks.chain_arith import dev_split, is_correct, train_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "model_cards" / "tiny-chain-arith-tokenizer"
+POOL_BATCHES = 16  # batches drawn together and bucketed by length (less padding)
+
+
+def model_config(kind: str, args: argparse.Namespace, tokenizer) -> object:
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    vocab = 64 * math.ceil(len(tokenizer) / 64)
+    if kind == "ar":
+        return Qwen2Config(
+            vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.heads, intermediate_size=args.ffn, max_position_embeddings=4096,
+            rope_theta=10000.0, tie_word_embeddings=False, **special,
+        )
+    if kind == "dream":
+        return DreamConfig(
+            vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.heads, intermediate_size=args.ffn, max_position_embeddings=4096,
+            max_window_layers=args.layers, rope_theta=10000.0, tie_word_embeddings=False,
+            mask_token_id=tokenizer.mask_token_id, **special,
+        )
+    return LLaDAConfig(
+        d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
+        mlp_hidden_size=args.ffn, vocab_size=vocab, embedding_size=vocab, max_sequence_length=4096,
+        rope_theta=10000.0, include_qkv_bias=args.qkv_bias, weight_tying=False,
+        mask_token_id=tokenizer.mask_token_id, **special,
+    )
+
+
+def build_model(kind: str, args: argparse.Namespace, tokenizer) -> torch.nn.Module:
+    config = model_config(kind, args, tokenizer)
+    torch.manual_seed(args.seed)
+    model = {"ar": Qwen2ForCausalLM, "dream": DreamModel, "llada": LLaDAModelLM}[kind](config)
+    if args.init_from:
+        load_ar_weights(model, kind, Path(args.init_from))
+    return model
+
+
+def load_ar_weights(model: torch.nn.Module, kind: str, source: Path) -> None:
+    """Copy a Qwen2 AR checkpoint (an HF folder) into `model`: same names for Dream, renamed for LLaDA."""
+    ar = Qwen2ForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+    if kind == "llada":
+        renames = {"model.embed_tokens": "model.transformer.wte", "model.norm": "model.transformer.ln_f",
+                   "lm_head": "model.transformer.ff_out"}
+        layer = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
+                 "self_attn.o_proj": "attn_out", "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj",
+                 "mlp.down_proj": "ff_out", "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm"}
+        mapped = {}
+        for name, tensor in ar.items():
+            stem, leaf = name.rsplit(".", 1)
+            if stem in renames:
+                mapped[f"{renames[stem]}.{leaf}"] = tensor
+            else:
+                _, _, index, rest = stem.split(".", 3)
+                mapped[f"model.transformer.blocks.{index}.{layer[rest]}.{leaf}"] = tensor
+        ar = mapped
+    missing, unexpected = model.load_state_dict(ar, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"AR weights do not fit the {kind} model: missing {missing}, unexpected {unexpected}")
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def batch_problems(step: int, batch_size: int) -> list:
+    """The problems of training step `step`: pools of POOL_BATCHES batches, sorted by length, order seeded."""
+    pool_index, slot = divmod(step, POOL_BATCHES)
+    per_pool = POOL_BATCHES * batch_size
+    problems = train_problems(pool_index * per_pool, (pool_index + 1) * per_pool)
+    problems.sort(key=lambda p: (len(p.prompt) + len(p.completion)))
+    size = math.ceil(len(problems) / POOL_BATCHES)
+    chunks = [problems[i * size:(i + 1) * size] for i in range(POOL_BATCHES)]
+    random.Random(pool_index).shuffle(chunks)
+    return chunks[slot]
+
+
+def encode(problems: list, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    prompts = tokenizer([p.prompt for p in problems]).input_ids  # BOS + prompt
+    completions = tokenizer([p.completion for p in problems], add_special_tokens=False).input_ids
+    return prompts, [c + [tokenizer.eos_token_id] for c in completions]
+
+
+def ar_loss(model, problems, tokenizer) -> torch.Tensor:
+    prompts, completions = encode(problems, tokenizer)
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.full((len(problems), length), tokenizer.pad_token_id)
+    labels = torch.full((len(problems), length), -100)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[row, len(p) : len(p) + len(c)] = torch.tensor(c)
+    logits = model(input_ids=ids).logits[:, :-1]  # right padding never reaches earlier positions (causal)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, step: int, eps: float = 1e-3) -> torch.Tensor:
+    prompts, completions = encode(problems, tokenizer)
+    length = max(len(p) + max(len(c), canvas) for p, c in zip(prompts, completions))
+    batch = len(problems)
+    clean = torch.full((batch, length), tokenizer.eos_token_id)
+    in_canvas = torch.zeros(batch, length, dtype=torch.bool)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        clean[row, : len(p) + len(c)] = torch.tensor(p + c)
+        in_canvas[row, len(p) :] = True
+    generator = torch.Generator().manual_seed(step)
+    # Stratified noise levels: one t per row, spread evenly over (eps, 1).
+    u = (torch.rand((), generator=generator) + torch.arange(batch) / batch) % 1.0
+    t = eps + (1 - eps) * u[torch.randperm(batch, generator=generator)]
+    masked = (torch.rand(batch, length, generator=generator) < t[:, None]) & in_canvas
+    noisy = torch.where(masked, tokenizer.mask_token_id, clean)
+    logits = model(input_ids=noisy).logits
+    if kind == "dream":  # shifted: position i-1 predicts token i
+        logits, clean, masked = logits[:, :-1], clean[:, 1:], masked[:, 1:]
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1), reduction="none")
+    token_loss = token_loss.view(batch, -1) * masked
+    weights = 1.0 / (t * in_canvas.sum(1))
+    return (token_loss.sum(1) * weights).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model, tokenizer, kind: str, problems, gen_length: int, block_length: int, batch_size: int = 50):
+    """Dev accuracy with vanilla decoding: greedy AR generate, or one token per step for diffusion models."""
+    model.eval()
+    settings = {**BASE_CONFIG, "steps": gen_length, "block_length": block_length}
+    completions, _ = solve(model, tokenizer, problems, gen_length, batch_size, settings, autoregressive=kind == "ar")
+    model.train()
+    return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# The shipped generation_config.json: the fast configuration recommended by the benchmark (README "Benchmarks").
+RECOMMENDED = {
+    "ar": {"max_new_tokens": 64, "do_sample": False},
+    "llada": {"max_new_tokens": 64, "steps": 64, "block_length": 32, "alg": "low_confidence", "threshold": 0.9,
+              "eos_early_stop": True, "temperature": 0.0},
+    "dream": {"max_new_tokens": 64, "steps": 64, "block_length": 32, "alg": "low_confidence", "threshold": 0.9,
+              "eos_early_stop": True, "temperature": 0.0},
+}
+
+
+def export(model, tokenizer, kind: str, folder: Path, state: dict, args: argparse.Namespace) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.generation_config.update(**RECOMMENDED[kind])
+    model.generation_config._from_model_config = False  # a chosen configuration, not derived from config.json
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    summary = {k: state[k] for k in ("step", "train_seconds", "best_accuracy", "best_step", "curve")}
+    summary["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "export"}
+    (folder / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"exported step {state['best_step']} (dev accuracy {state['best_accuracy']:.3f}) to {folder}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=["ar", "dream", "llada"], required=True)
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log); resumes from it")
+    parser.add_argument("--init-from", help="HF folder of a Qwen2 AR model to initialise a dream/llada model from")
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
+    parser.add_argument("--steps", type=int, default=20000, help="schedule length (cosine decay ends here)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--min-lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=768)
+    parser.add_argument("--qkv-bias", action="store_true", help="LLaDA only: q/k/v biases (needed for AR init)")
+    parser.add_argument("--canvas", type=int, default=64, help="min completion canvas (EOS-padded), diffusion")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-problems", type=int, default=200)
+    parser.add_argument("--eval-block-length", type=int, default=32)
+    parser.add_argument("--save-minutes", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", type=Path, help="write the best checkpoint as an HF folder and exit")
+    args = parser.parse_args(argv)
+    if args.kind != "llada" and args.qkv_bias:
+        parser.error("--qkv-bias applies to --kind llada only (Qwen2 and Dream always have q/k/v biases)")
+    if args.kind == "ar" and args.init_from:
+        parser.error("--init-from applies to diffusion models (dream, llada)")
+    if args.kind == "llada" and args.init_from and not args.qkv_bias:
+        parser.error("initialising LLaDA from a Qwen2 AR model needs --qkv-bias (Qwen2 has q/k/v biases)")
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, best_path = args.out / "checkpoint.pt", args.out / "best.pt"
+
+    model = build_model(args.kind, args, tokenizer)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98),
+    )
+    state = {"step": 0, "train_seconds": 0.0, "best_accuracy": -1.0, "best_step": -1, "curve": []}
+    if checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        print(f"resumed from step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)")
+
+    if args.export:
+        if not best_path.exists():
+            sys.exit(f"no best checkpoint in {args.out}: train first")
+        model.load_state_dict(torch.load(best_path, weights_only=True))
+        export(model, tokenizer, args.kind, args.export, state, args)
+        return
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+                   checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    dev = list(dev_split(args.eval_problems))
+    started = last_save = time.time()
+    model.train()
+    bar = tqdm(total=args.steps, initial=state["step"], desc=args.kind, mininterval=20, file=sys.stdout)
+    running = None
+    while state["step"] < args.steps and not stop["now"] and time.time() - started < args.minutes * 60:
+        step_start = time.time()
+        problems = batch_problems(state["step"], args.batch_size)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(state["step"], args)
+        if args.kind == "ar":
+            loss = ar_loss(model, problems, tokenizer)
+        else:
+            loss = mdm_loss(model, problems, tokenizer, args.kind, args.canvas, args.seed * 10**7 + state["step"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["train_seconds"] += time.time() - step_start
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{learning_rate(state['step'], args):.2e}", refresh=False)
+        if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
+            accuracy = evaluate(model, tokenizer, args.kind, dev, args.canvas, args.eval_block_length)
+            state["curve"].append({"step": state["step"], "train_minutes": round(state["train_seconds"] / 60, 2),
+                                   "loss": round(running, 5), "dev_accuracy": accuracy})
+            print(f"\nstep {state['step']}: loss {running:.4f}, dev accuracy {accuracy:.3f} "
+                  f"({state['train_seconds'] / 60:.1f} min)", flush=True)
+            if accuracy > state["best_accuracy"]:
+                state["best_accuracy"], state["best_step"] = accuracy, state["step"]
+                torch.save(model.state_dict(), best_path)
+            save()
+            last_save = time.time()
+        elif time.time() - last_save > args.save_minutes * 60:
+            save()
+            last_save = time.time()
+    bar.close()
+    save()
+    print(f"stopped at step {state['step']} ({state['train_seconds'] / 60:.1f} min trained); "
+          f"best dev accuracy {state['best_accuracy']:.3f} at step {state['best_step']}")
+
+
+if __name__ == "__main__":
+    main()
