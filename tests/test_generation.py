@@ -18,7 +18,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-import dlm_generation  # noqa: F401
+import dlm_generation
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 FAMILIES = ["llada", "dream"]
@@ -228,11 +228,26 @@ def test_stop_strings_need_tokenizer(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shipped_model_code_is_current(family):
-    """The code files in model_cards/ are the library's (rebuild with examples/build_tiny_random_models.py)."""
+@pytest.mark.parametrize("kind", ["random", "chain-arith"])
+def test_shipped_model_code_is_current(family, kind):
+    """The code files in model_cards/ are the library's (rebuild with examples/build_tiny_random_models.py, or
+    re-export the trained models with examples/train_chain_arith.py --export)."""
     src = Path(dlm_generation.__file__).parent
-    folder = CARDS / f"tiny-random-{family}"
+    folder = CARDS / (f"tiny-random-{family}" if kind == "random" else f"tiny-{family}-chain-arith")
     shipped = sorted(folder.glob("*.py"))
     assert len(shipped) == 7
     for path in shipped:
         assert path.read_text() == (src / path.name).read_text(), f"{path} is stale"
+
+
+def test_model_built_from_config_saves_its_generation_config(tmp_path):
+    """Regression: a model constructed from a config (as training scripts do) had transformers' plain
+    GenerationConfig, whose save-time validation rejected the greedy temperature=0.0 default."""
+    config = dlm_generation.DreamConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                        num_hidden_layers=1, intermediate_size=64, vocab_size=64, mask_token_id=3)
+    model = dlm_generation.DreamModel(config)
+    assert isinstance(model.generation_config, dlm_generation.DiffusionGenerationConfig)
+    model.generation_config.update(alg="low_confidence", threshold=0.9, eos_early_stop=True)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).generation_config
+    assert (loaded.alg, loaded.threshold, loaded.eos_early_stop, loaded.temperature) == ("low_confidence", 0.9, True, 0.0)

@@ -473,6 +473,10 @@ class DiffusionGenerationMixin(GenerationMixin):
         """Write the decoding defaults the model really uses into `generation_config` where it leaves them unset,
         so that what `generation_config.json` (and a pipeline) sees is what the model does: greedy, the family's
         schedule and alg, and the model config's special tokens."""
+        if not isinstance(self.generation_config, DiffusionGenerationConfig):
+            # A model built from a config (not from_pretrained) starts with transformers' plain GenerationConfig,
+            # whose save-time validation rejects temperature=0.0 without do_sample and drops diffusion fields.
+            self.generation_config = DiffusionGenerationConfig.from_generation_config(self.generation_config)
         config = self.generation_config
         defaults = {"temperature": 0.0, **self.diffusion_generation_defaults}
         for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
