@@ -34,6 +34,7 @@ import random
 import signal
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -48,6 +49,9 @@ from dlm_generation.tasks.chain_arith import dev_split, is_correct, train_proble
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "model_cards" / "tiny-chain-arith-tokenizer"
 POOL_BATCHES = 16  # batches drawn together and bucketed by length (less padding)
+# Arguments that define a run's data and model; resuming with other values is refused.
+RUN_DEFINING = ("kind", "batch_size", "canvas", "seed", "hidden", "layers", "heads", "ffn", "qkv_bias", "init_from",
+                "extra_layers")
 
 
 def model_config(kind: str, args: argparse.Namespace, tokenizer) -> object:
@@ -68,18 +72,18 @@ def model_config(kind: str, args: argparse.Namespace, tokenizer) -> object:
             mask_token_id=tokenizer.mask_token_id, **special,
         )
     return LLaDAConfig(
-        d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
+        d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers + args.extra_layers,
         mlp_hidden_size=args.ffn, vocab_size=vocab, embedding_size=vocab, max_sequence_length=4096,
-        rope_theta=10000.0, include_qkv_bias=args.qkv_bias, weight_tying=False,
+        rope_theta=10000.0, rms_norm_eps=1e-6, include_qkv_bias=args.qkv_bias, weight_tying=False,
         mask_token_id=tokenizer.mask_token_id, **special,
     )
 
 
-def build_model(kind: str, args: argparse.Namespace, tokenizer) -> torch.nn.Module:
+def build_model(kind: str, args: argparse.Namespace, tokenizer, fresh: bool = True) -> torch.nn.Module:
     config = model_config(kind, args, tokenizer)
     torch.manual_seed(args.seed)
     model = {"ar": Qwen2ForCausalLM, "dream": DreamModel, "llada": LLaDAModelLM}[kind](config)
-    if args.init_from:
+    if args.init_from and fresh:
         load_ar_weights(model, kind, Path(args.init_from))
     return model
 
@@ -104,21 +108,37 @@ def load_ar_weights(model: torch.nn.Module, kind: str, source: Path) -> None:
         ar = mapped
     missing, unexpected = model.load_state_dict(ar, strict=False)
     missing = [m for m in missing if "rotary" not in m]
+    if kind == "llada":
+        # Blocks beyond the AR model's depth (--extra-layers) start as the identity: their output projections are
+        # zero, so the residual stream is the AR model's until they learn something (e.g. moving the AR's
+        # next-token features one position right, which LLaDA's unshifted head needs).
+        blocks = model.model.transformer.blocks
+        ar_depth = 1 + max(int(name.split(".")[3]) for name in ar if name.startswith("model.transformer.blocks."))
+        for block in blocks[ar_depth:]:
+            torch.nn.init.zeros_(block.attn_out.weight)
+            torch.nn.init.zeros_(block.ff_out.weight)
+        missing = [m for m in missing if not any(m.startswith(f"model.transformer.blocks.{i}.")
+                                                 for i in range(ar_depth, len(blocks)))]
     if missing or unexpected:
         raise RuntimeError(f"AR weights do not fit the {kind} model: missing {missing}, unexpected {unexpected}")
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def batch_problems(step: int, batch_size: int) -> list:
-    """The problems of training step `step`: pools of POOL_BATCHES batches, sorted by length, order seeded."""
-    pool_index, slot = divmod(step, POOL_BATCHES)
+@lru_cache(maxsize=1)
+def _pool(pool_index: int, batch_size: int) -> list[list]:
     per_pool = POOL_BATCHES * batch_size
     problems = train_problems(pool_index * per_pool, (pool_index + 1) * per_pool)
     problems.sort(key=lambda p: (len(p.prompt) + len(p.completion)))
     size = math.ceil(len(problems) / POOL_BATCHES)
     chunks = [problems[i * size:(i + 1) * size] for i in range(POOL_BATCHES)]
     random.Random(pool_index).shuffle(chunks)
-    return chunks[slot]
+    return chunks
+
+
+def batch_problems(step: int, batch_size: int) -> list:
+    """The problems of training step `step`: pools of POOL_BATCHES batches, sorted by length, order seeded."""
+    pool_index, slot = divmod(step, POOL_BATCHES)
+    return _pool(pool_index, batch_size)[slot]
 
 
 def encode(problems: list, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
@@ -169,7 +189,7 @@ def evaluate(model, tokenizer, kind: str, problems, gen_length: int, block_lengt
     """Dev accuracy with vanilla decoding: greedy AR generate, or one token per step for diffusion models."""
     model.eval()
     settings = {**BASE_CONFIG, "steps": gen_length, "block_length": block_length}
-    completions, _ = solve(model, tokenizer, problems, gen_length, batch_size, settings, autoregressive=kind == "ar")
+    completions = solve(model, tokenizer, problems, gen_length, batch_size, settings, autoregressive=kind == "ar").completions
     model.train()
     return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
 
@@ -198,8 +218,9 @@ def export(model, tokenizer, kind: str, folder: Path, state: dict, args: argpars
     model.generation_config._from_model_config = False  # a chosen configuration, not derived from config.json
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    summary = {k: state[k] for k in ("step", "train_seconds", "best_accuracy", "best_step", "curve")}
-    summary["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "export"}
+    summary = {k: state.get(k) for k in ("step", "train_seconds", "best_accuracy", "best_step", "curve",
+                                          "invocations")}
+    summary["args"] = state["args"]  # what defines the run (model, data); per-invocation settings in "invocations"
     (folder / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"exported step {state['best_step']} (dev accuracy {state['best_accuracy']:.3f}) to {folder}")
 
@@ -221,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--ffn", type=int, default=768)
     parser.add_argument("--qkv-bias", action="store_true", help="LLaDA only: q/k/v biases (needed for AR init)")
+    parser.add_argument("--extra-layers", type=int, default=0,
+                        help="LLaDA only: blocks on top of --layers, initialised as the identity (with --init-from)")
     parser.add_argument("--canvas", type=int, default=64, help="min completion canvas (EOS-padded), diffusion")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-problems", type=int, default=200)
@@ -234,6 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--qkv-bias applies to --kind llada only (Qwen2 and Dream always have q/k/v biases)")
     if args.kind == "ar" and args.init_from:
         parser.error("--init-from applies to diffusion models (dream, llada)")
+    if args.extra_layers and args.kind != "llada":
+        parser.error("--extra-layers applies to --kind llada only")
+    if args.canvas % args.eval_block_length:
+        parser.error(f"--canvas {args.canvas} (the evaluation's generation length) must be a multiple of"
+                     f" --eval-block-length {args.eval_block_length}")
     if args.kind == "llada" and args.init_from and not args.qkv_bias:
         parser.error("initialising LLaDA from a Qwen2 AR model needs --qkv-bias (Qwen2 has q/k/v biases)")
 
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path, best_path = args.out / "checkpoint.pt", args.out / "best.pt"
 
-    model = build_model(args.kind, args, tokenizer)
+    model = build_model(args.kind, args, tokenizer, fresh=not checkpoint_path.exists())
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
@@ -250,12 +278,18 @@ def main(argv: list[str] | None = None) -> None:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.98),
     )
-    state = {"step": 0, "train_seconds": 0.0, "best_accuracy": -1.0, "best_step": -1, "curve": []}
+    state = {"step": 0, "train_seconds": 0.0, "best_accuracy": -1.0, "best_step": -1, "curve": [], "running": None,
+             "args": {k: getattr(args, k) for k in RUN_DEFINING}}
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, weights_only=False)
+        recorded = saved["state"].get("args", {})
+        changed = {k: (recorded[k], getattr(args, k)) for k in recorded if recorded[k] != getattr(args, k)}
+        if changed and not args.export:
+            sys.exit(f"{args.out} was trained with different settings {changed} (recorded, given); a resumed run"
+                     " must see the same data and model: pass the recorded values or use a new --out")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
+        state = {**state, **saved["state"]}
         print(f"resumed from step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)")
 
     if args.export:
@@ -274,9 +308,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     dev = list(dev_split(args.eval_problems))
     started = last_save = time.time()
+    # Each invocation's settings (schedule, learning rate, threads may change between chunks of a run).
+    state.setdefault("invocations", []).append(
+        {"from_step": state["step"], **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                        if k not in RUN_DEFINING and k not in ("export", "out")}}
+    )
     model.train()
     bar = tqdm(total=args.steps, initial=state["step"], desc=args.kind, mininterval=20, file=sys.stdout)
-    running = None
+    running = state["running"]
     while state["step"] < args.steps and not stop["now"] and time.time() - started < args.minutes * 60:
         step_start = time.time()
         problems = batch_problems(state["step"], args.batch_size)
@@ -293,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         state["step"] += 1
         state["train_seconds"] += time.time() - step_start
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        state["running"] = running
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{learning_rate(state['step'], args):.2e}", refresh=False)
         if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
@@ -303,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"({state['train_seconds'] / 60:.1f} min)", flush=True)
             if accuracy > state["best_accuracy"]:
                 state["best_accuracy"], state["best_step"] = accuracy, state["step"]
-                torch.save(model.state_dict(), best_path)
+                torch.save(model.state_dict(), best_path.with_suffix(".tmp"))
+                best_path.with_suffix(".tmp").replace(best_path)
             save()
             last_save = time.time()
         elif time.time() - last_save > args.save_minutes * 60:

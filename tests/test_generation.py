@@ -228,12 +228,10 @@ def test_stop_strings_need_tokenizer(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", ["random", "chain-arith"])
-def test_shipped_model_code_is_current(family, kind):
-    """The code files in model_cards/ are the library's (rebuild with examples/build_tiny_random_models.py, or
-    re-export the trained models with examples/train_chain_arith.py --export)."""
+def test_shipped_model_code_is_current(family):
+    """The code files in model_cards/ are the library's (rebuild with examples/build_tiny_random_models.py)."""
     src = Path(dlm_generation.__file__).parent
-    folder = CARDS / (f"tiny-random-{family}" if kind == "random" else f"tiny-{family}-chain-arith")
+    folder = CARDS / f"tiny-random-{family}"
     shipped = sorted(folder.glob("*.py"))
     assert len(shipped) == 7
     for path in shipped:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -45,6 +44,8 @@ NAMED_CONFIGS: dict[str, dict] = {
     "factor-1.0": {"alg": "low_confidence", "factor": 1.0},
     "factor-1.0+eos": {"alg": "low_confidence", "factor": 1.0, "eos_early_stop": True},
 }
+# Set by the benchmark itself; a configuration may not override them.
+RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_in_generate", "generation_config"}
 # Every diffusion configuration starts from this base (None = the model family's default, e.g. Dream's entropy).
 BASE_CONFIG = {"alg": None, "threshold": None, "factor": None, "eos_early_stop": False, "temperature": 0.0}
 
@@ -88,6 +89,12 @@ def parse_config(text: str) -> tuple[str, dict]:
             settings[key.strip()] = value
     if not name:
         raise ValueError(f"configuration {text!r} needs a name before ':'")
+    if name in NAMED_CONFIGS or name == MODEL_DEFAULT:
+        raise ValueError(f"configuration {text!r} reuses the built-in name {name!r}; give it a name of its own")
+    reserved = sorted(RESERVED_KEYS & settings.keys())
+    if reserved:
+        raise ValueError(f"configuration {text!r} sets {reserved}: the benchmark sets these itself (use"
+                         " --gen-lengths for the generation length)")
     return name, settings
 
 
@@ -123,113 +130,173 @@ class ForwardTimer:
 
 
 class PeakMemory:
-    """Peak memory of a pass: CUDA max allocated, or on Linux CPUs the process's peak RSS (VmHWM, reset first)."""
+    """Peak memory of a pass above the level at its start: CUDA max allocated, or on Linux CPUs the process's peak
+    RSS (VmHWM, reset first). Elsewhere (macOS, Windows CPUs) it is not reported."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def reset(self) -> None:
+    def reset(self) -> float | None:
+        """Start a new peak; return the memory in use now (MiB), the baseline the peak is reported above."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/clear_refs"):
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+        except OSError:
+            return None
+        return self._status("VmRSS:")
 
     def read_mib(self) -> float | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self._status("VmHWM:")
+
+    @staticmethod
+    def _status(field_name: str) -> float | None:
         try:
             for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field_name):
                     return int(line.split()[1]) / 1024
         except OSError:
             pass
         return None
 
 
+@dataclass
+class Pass:
+    """One pass over the problems: completions (cut at the first EOS), per-call stats, time inside generate calls."""
+
+    completions: list[str]
+    calls: list[dict]
+    seconds: float
+
+
 def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, batch_size: int,
-          settings: dict | None = None, autoregressive: bool = False) -> tuple[list[str], list[dict]]:
-    """Decode `problems` in batches; return the completions and per-call stats (nfe, generated token counts).
+          settings: dict | None = None, autoregressive: bool = False, sync: bool = False) -> Pass:
+    """Decode `problems` in batches of `batch_size`.
 
     Diffusion models go through `diffusion_generate(**settings)`; `autoregressive=True` uses `generate` (greedy,
-    KV cache) and counts its forwards.
+    KV cache) and counts its forwards. Only the generate calls are timed (tokenising and decoding are not), and
+    completions are cut at the first EOS before decoding, so text after it is never scored.
     """
     device = next(model.parameters()).device
-    completions, calls = [], []
+    completions, calls, seconds = [], [], 0.0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         inputs = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
         prompt_len = inputs.input_ids.shape[1]
-        if autoregressive:
-            counter = ForwardTimer(model, sync=False)
-            try:
+        counter = ForwardTimer(model, sync=False) if autoregressive else None
+        began = time.perf_counter()
+        try:
+            if autoregressive:
                 sequences = model.generate(**inputs, max_new_tokens=gen_length, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            finally:
+            else:
+                out = model.diffusion_generate(inputs.input_ids, attention_mask=inputs.attention_mask,
+                                               max_new_tokens=gen_length, return_dict_in_generate=True,
+                                               **(settings or {}))
+                sequences = out.sequences
+            if sync:
+                torch.cuda.synchronize()
+        finally:
+            seconds += time.perf_counter() - began
+            if counter is not None:
                 counter.remove()
-            nfe = counter.calls
-        else:
-            out = model.diffusion_generate(inputs.input_ids, attention_mask=inputs.attention_mask,
-                                           max_new_tokens=gen_length, return_dict_in_generate=True,
-                                           **(settings or {}))
-            sequences, nfe = out.sequences, out.nfe
+        nfe = counter.calls if autoregressive else out.nfe
         generated = sequences[:, prompt_len:]
         lengths = generated_lengths(generated, tokenizer.eos_token_id)
-        completions += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        completions += tokenizer.batch_decode(
+            [row[:n] for row, n in zip(generated.tolist(), lengths.tolist())], skip_special_tokens=True
+        )
         calls.append({"nfe": nfe, "tokens": lengths.tolist()})
-    return completions, calls
+    return Pass(completions, calls, seconds)
 
 
-def measure(model, tokenizer, problems, name: str, settings: dict | None, gen_length: int, batch_size: int,
-            repeats: int, autoregressive: bool = False) -> Row:
-    """One row from `repeats` passes over `problems` (at least one); the median wall time is reported.
+@dataclass
+class Candidate:
+    """A configuration being measured: how to run it, and what its passes gave."""
 
-    The first pass is instrumented (accuracy, NFE, peak memory, time inside model forwards). On CPU its hooks cost
-    nothing measurable, so it is also one of the timed passes; on CUDA they synchronise, so it is an extra pass.
-    """
-    device = next(model.parameters()).device
+    name: str
+    model: torch.nn.Module
+    settings: dict
+    autoregressive: bool = False
+    first: Pass | None = None
+    forward_seconds: float = 0.0
+    peak_memory_mib: float | None = None
+    seconds: list[float] = field(default_factory=list)
+
+    def run(self, tokenizer, problems, gen_length, batch_size, sync) -> Pass:
+        return solve(self.model, tokenizer, problems, gen_length, batch_size, self.settings, self.autoregressive,
+                     sync=sync)
+
+    def instrumented_pass(self, tokenizer, problems, gen_length, batch_size, sync) -> None:
+        """Accuracy, NFE, peak memory above the level at its start, and time inside model forwards."""
+        device = next(self.model.parameters()).device
+        memory = PeakMemory(device)
+        baseline = memory.reset()
+        timer = ForwardTimer(self.model, sync=sync)
+        try:
+            self.first = self.run(tokenizer, problems, gen_length, batch_size, sync)
+        finally:
+            timer.remove()
+        peak = memory.read_mib()
+        self.peak_memory_mib = None if peak is None or baseline is None else max(0.0, peak - baseline)
+        self.forward_seconds = timer.seconds
+        if not sync:  # on CPU the hooks cost nothing measurable: this pass is also a timed one
+            self.seconds.append(self.first.seconds)
+
+    def row(self, problems, gen_length: int, batch_size: int) -> Row:
+        median = statistics.median(self.seconds)
+        calls = self.first.calls
+        tokens = [n for call in calls for n in call["tokens"]]
+        per_forward = [n / call["nfe"] for call in calls for n in call["tokens"] if call["nfe"]]
+        return Row(
+            config=self.name, settings=self.settings, gen_length=gen_length, batch_size=batch_size,
+            problems=len(problems),
+            accuracy=sum(is_correct(c, p) for c, p in zip(self.first.completions, problems)) / len(problems),
+            nfe=statistics.mean(call["nfe"] for call in calls),
+            tokens_per_forward=statistics.mean(per_forward) if per_forward else 0.0,
+            tokens_per_second=sum(tokens) / median, seconds=median, seconds_all=list(self.seconds),
+            peak_memory_mib=self.peak_memory_mib,
+            loop_overhead=max(0.0, 1.0 - self.forward_seconds / self.first.seconds) if self.first.seconds else None,
+        )
+
+
+def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, batch_size: int, repeats: int,
+            log=print) -> list[Row]:
+    """Rows for `candidates` on `problems`: per candidate a warm-up call and an instrumented pass, then timed
+    passes round-robin over the candidates (so drift of the machine affects all alike) until each has `repeats`
+    timings; the median is reported. On CUDA the instrumented pass synchronises around forwards, so it is not
+    timed."""
+    device = next(candidates[0].model.parameters()).device
     sync = device.type == "cuda"
-    memory = PeakMemory(device)
-    memory.reset()
-    timer = ForwardTimer(model, sync=sync)
-    try:
-        start = time.perf_counter()
-        completions, calls = solve(model, tokenizer, problems, gen_length, batch_size, settings, autoregressive)
-        instrumented = time.perf_counter() - start
-    finally:
-        timer.remove()
-    peak = memory.read_mib()
-    seconds = [] if sync else [instrumented]
-    while len(seconds) < max(1, repeats):
-        start = time.perf_counter()
-        solve(model, tokenizer, problems, gen_length, batch_size, settings, autoregressive)
-        if sync:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
-    tokens = [n for call in calls for n in call["tokens"]]
-    per_forward = [n / call["nfe"] for call in calls for n in call["tokens"] if call["nfe"]]
-    return Row(
-        config=name, settings=settings or {}, gen_length=gen_length, batch_size=batch_size, problems=len(problems),
-        accuracy=sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems),
-        nfe=statistics.mean(call["nfe"] for call in calls),
-        tokens_per_forward=statistics.mean(per_forward) if per_forward else 0.0,
-        tokens_per_second=sum(tokens) / median, seconds=median, seconds_all=seconds,
-        peak_memory_mib=peak, loop_overhead=max(0.0, 1.0 - timer.seconds / instrumented),
-    )
+    for candidate in candidates:
+        candidate.run(tokenizer, problems[:batch_size], gen_length, batch_size, sync)  # warm-up
+        candidate.instrumented_pass(tokenizer, problems, gen_length, batch_size, sync)
+        log(f"  {candidate.name} gen={gen_length} batch={batch_size}: accuracy "
+            f"{sum(is_correct(c, p) for c, p in zip(candidate.first.completions, problems)) / len(problems):.3f},"
+            f" {candidate.first.seconds:.2f}s")
+    while any(len(c.seconds) < repeats for c in candidates):
+        for candidate in candidates:
+            if len(candidate.seconds) < repeats:
+                candidate.seconds.append(candidate.run(tokenizer, problems, gen_length, batch_size, sync).seconds)
+    rows = [c.row(problems, gen_length, batch_size) for c in candidates]
+    vanilla = next(r for r in rows if r.config == VANILLA)
+    for row in rows:
+        row.speedup = vanilla.seconds / row.seconds
+    return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("config", "gen", "batch", "accuracy", "NFE", "tok/fwd", "tok/s", "speedup", "peak MiB", "overhead")
+    header = ("config", "gen", "batch", "accuracy", "NFE", "tok/fwd", "tok/s", "speedup", "+peak MiB", "overhead")
     lines = [header]
     for r in rows:
         lines.append((
             r.config, str(r.gen_length), str(r.batch_size), f"{100 * r.accuracy:.1f}%", f"{r.nfe:.1f}",
             f"{r.tokens_per_forward:.2f}", f"{r.tokens_per_second:.0f}",
             "-" if r.speedup is None else f"{r.speedup:.2f}x",
-            "-" if r.peak_memory_mib is None else f"{r.peak_memory_mib:.0f}",
+            "-" if r.peak_memory_mib is None else f"{r.peak_memory_mib:.1f}",
             "-" if r.loop_overhead is None else f"{100 * r.loop_overhead:.0f}%",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -293,38 +360,36 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     if not isinstance(model, DiffusionGenerationMixin):
-        raise TypeError(f"{model_path} holds a {type(model).__name__}, not a diffusion model of this library;"
+        raise ValueError(f"{model_path} holds a {type(model).__name__}, not a diffusion model of this library;"
                         " pass autoregressive models with --ar-model")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     dev = list(dev_split(problems))
     ar_model = None
     if ar_model_path:
+        if AutoTokenizer.from_pretrained(ar_model_path).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{ar_model_path} uses a different tokenizer from {model_path}: the AR baseline must"
+                             " share the diffusion model's tokenizer")
         ar_model = AutoModelForCausalLM.from_pretrained(ar_model_path, dtype=torch_dtype).to(device).eval()
 
     rows = []
     with torch.inference_mode():
         for gen_length in gen_lengths:
+            candidates = []
+            for name, overrides in parsed:
+                settings = ({} if name == MODEL_DEFAULT else
+                            {**BASE_CONFIG, "steps": gen_length, "block_length": block_length, **overrides})
+                try:  # fail fast, naming the configuration, before anything is timed
+                    solve(model, tokenizer, dev[:1], gen_length, 1, settings)
+                except ValueError as error:
+                    raise ValueError(f"configuration {name!r} ({settings}) is invalid: {error}") from None
+                candidates.append(Candidate(name, model, settings))
+            if ar_model is not None:
+                candidates.append(Candidate(AR_BASELINE, ar_model, {"model": str(ar_model_path)}, autoregressive=True))
             for batch_size in batch_sizes:
-                # Warm-up (allocator, kernels) so the first configuration is not penalised.
-                solve(model, tokenizer, dev[:batch_size], gen_length, batch_size,
-                      {**BASE_CONFIG, "steps": gen_length, "block_length": block_length})
-                group = []
-                for name, overrides in parsed:
-                    settings = ({} if name == MODEL_DEFAULT else
-                                {**BASE_CONFIG, "steps": gen_length, "block_length": block_length, **overrides})
-                    row = measure(model, tokenizer, dev, name, settings, gen_length, batch_size, repeats)
-                    group.append(row)
-                    log(f"  {name} gen={gen_length} batch={batch_size}: accuracy {row.accuracy:.3f}, "
-                        f"{row.seconds:.2f}s, nfe {row.nfe:.1f}")
-                if ar_model is not None:
-                    solve(ar_model, tokenizer, dev[:batch_size], gen_length, batch_size, autoregressive=True)
-                    group.append(measure(ar_model, tokenizer, dev, AR_BASELINE, {"model": str(ar_model_path)},
-                                         gen_length, batch_size, repeats, autoregressive=True))
-                vanilla = next(r for r in group if r.config == VANILLA)
-                for row in group:
-                    row.speedup = vanilla.seconds / row.seconds
-                rows += group
+                for candidate in candidates:
+                    candidate.first, candidate.seconds = None, []
+                rows += measure(candidates, tokenizer, dev, gen_length, batch_size, repeats, log)
     return {
         "task": "chain-arith dev", "model": str(model_path), "ar_model": str(ar_model_path) if ar_model_path else None,
         "device": device, "dtype": dtype, "block_length": block_length, "repeats": repeats,
@@ -365,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args.model, args.configs, args.ar_model, args.problems, tuple(args.gen_lengths),
                      tuple(args.batch_sizes), args.block_length, args.repeats, args.device, dtype,
                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     report["command"] = " ".join(["python -m dlm_generation.benchmark", *(sys.argv[1:] if argv is None else argv)])
     rows = [Row(**r) for r in report["rows"]]

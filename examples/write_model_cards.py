@@ -1,0 +1,203 @@
+"""Write the README.md model cards of the tiny chain-arith models from what was measured.
+
+Reads each folder's `training_log.json` (written by `train_chain_arith.py --export`) and the benchmark report
+`benchmarks/{llada,dream}_cpu.json` (written by `python -m dlm_generation.benchmark ... --json`), so the cards
+always state the numbers of the shipped weights.
+
+    python examples/write_model_cards.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+CARDS = ROOT / "model_cards"
+# The benchmark reports (python -m dlm_generation.benchmark ... --json); the AR baseline row comes from LLaDA's.
+REPORTS = {"llada": ROOT / "benchmarks" / "llada_cpu.json", "dream": ROOT / "benchmarks" / "dream_cpu.json",
+           "ar": ROOT / "benchmarks" / "llada_cpu.json"}
+
+MODELS = {
+    "tiny-llada-chain-arith": dict(
+        arch="LLaDA architecture (`LLaDAModelLM`, bidirectional Llama-style blocks, unshifted logits)",
+        objective=(
+            "LLaDA's SFT masked-diffusion objective: the prompt is never masked; the completion plus EOS padding "
+            "(a canvas of at least 64 positions) is masked with probability t ~ U(0.001, 1) per row, and the loss is "
+            "the cross-entropy on masked positions weighted 1/t, divided by the canvas length"
+        ),
+        family="llada",
+        init=("the shipped tiny-ar-chain-arith weights, LLaDA's q/k/v biases from Qwen2's, plus one block on top "
+              "initialised as the identity (zero output projections) to learn the one-position shift that LLaDA's "
+              "unshifted head needs"),
+    ),
+    "tiny-dream-chain-arith": dict(
+        arch="Dream architecture (`DreamModel`, bidirectional Qwen2 blocks, logits shifted by one)",
+        objective=(
+            "the shifted masked-diffusion objective: as LLaDA's SFT loss (prompt never masked, masked completion "
+            "tokens weighted 1/t), but the logits at position i-1 predict the masked token at position i, so the "
+            "AR model's next-token head is reused as is"
+        ),
+        family="dream",
+        init="the shipped tiny-ar-chain-arith weights; Dream keeps Qwen2's parameter names, so they load as is",
+    ),
+    "tiny-ar-chain-arith": dict(
+        arch="causal LM (transformers' `Qwen2ForCausalLM`)",
+        objective="next-token cross-entropy on the completion and its EOS (the prompt is not scored)",
+        family="ar",
+    ),
+}
+
+
+def parameter_count(folder: Path) -> int:
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+
+
+def ar_dev_accuracy(folder: Path) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlm_generation.benchmark import solve
+    from dlm_generation.tasks import dev_split, is_correct
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    problems = list(dev_split())
+    completions = solve(model.eval(), tokenizer, problems, 64, 50, autoregressive=True).completions
+    return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
+
+
+def benchmark_table(rows: list[dict]) -> str:
+    lines = ["| config | gen length | batch | accuracy | NFE | tokens/forward | tokens/s | speedup vs vanilla |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['gen_length']} | {r['batch_size']} | {100 * r['accuracy']:.1f}% | "
+                     f"{r['nfe']:.1f} | {r['tokens_per_forward']:.2f} | {r['tokens_per_second']:.0f} | "
+                     f"{r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def card(name: str, info: dict, report: dict | None) -> str:
+    folder = CARDS / name
+    log = json.loads((folder / "training_log.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    args = log["args"]
+    curve = log["curve"]
+    params = parameter_count(folder)
+    minutes = log["train_seconds"] / 60
+    init = (f" Initialised from the weights of the AR model ({info['init']})." if args.get("init_from")
+            else " Trained from scratch.")
+    invocations = log.get("invocations") or []
+    chunk_lines = []
+    for i, inv in enumerate(invocations):
+        end = invocations[i + 1]["from_step"] if i + 1 < len(invocations) else log["step"]
+        chunk_lines.append(
+            f"  - steps {inv['from_step']}-{end}: peak learning rate {inv['lr']}, {inv['warmup']} warm-up steps, cosine"
+            f" to {inv['min_lr']} at step {inv['steps']}, {inv['threads']} thread(s)"
+        )
+    chunks = "\n".join(chunk_lines)
+    last = invocations[-1] if invocations else args
+    dims = (f"{args['layers']} layers, hidden {args['hidden']}, {args['heads']} heads, MLP {args['ffn']}, "
+            f"vocabulary {config.get('vocab_size', config.get('embedding_size'))}")
+    is_ar = info["family"] == "ar"
+    load = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("model_cards/{name}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("model_cards/{name}")\n'
+        'prompt = "Question: Start with 63. Subtract 39. Add 46. What is the result?\\nAnswer:"\n'
+        "ids = tokenizer(prompt, return_tensors=\"pt\").input_ids\n"
+    )
+    load += ("out = model.generate(ids, max_new_tokens=64, do_sample=False)\n" if is_ar else
+             "out = model.diffusion_generate(ids, max_new_tokens=64)  # the shipped generation_config.json\n")
+    load += "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"
+    if not is_ar:
+        load = "import dlm_generation  # registers the architecture (or pass trust_remote_code=True)\n" + load
+    curve_lines = "\n".join(
+        f"| {c['step']} | {c['train_minutes']:.0f} | {c['loss']:.4f} | {100 * c['dev_accuracy']:.1f}% |"
+        for c in curve[-6:]
+    )
+    text = f"""---
+library_name: {"transformers" if is_ar else "dlm-generation"}
+tags: [chain-arith, tiny, {"causal-lm" if is_ar else "diffusion-language-model"}]
+license: apache-2.0
+---
+# {name}
+
+A {params / 1e6:.2f}M-parameter {info["arch"]} trained on **chain-arith**, the offline benchmark task of
+[dlm-generation](../../README.md): chained add/subtract word problems answered in GSM8K style (`#### N`), where
+every step depends on the previous result. {dims}. It is small enough to run anywhere in seconds and trained
+enough that accuracy/speed trade-offs of decoding methods are real.
+{"It is the autoregressive baseline of the benchmark and the guide model for AR-guided diffusion." if is_ar else ""}
+
+## Use
+
+```python
+{load}
+```
+
+The tokenizer (also in `model_cards/tiny-chain-arith-tokenizer`) is a byte-level BPE trained on chain-arith text
+with every digit its own token; `<|pad|>` 0, `<|startoftext|>` 1 (BOS, added by the tokenizer),
+`<|endoftext|>` 2 (EOS), `<|mdm_mask|>` 3. Its chat template turns a user question into the task prompt.
+{"" if is_ar else "`generation_config.json` holds the recommended fast configuration (see the table below)."}
+
+## Training
+
+- Objective: {info["objective"]}.{init}
+- Data: the chain-arith train stream (`dlm_generation.tasks.train_problems`, seeds 10^9 + i, dev problems
+  excluded), {log["step"] * args["batch_size"]:,} sequences ({log["step"]} steps of {args["batch_size"]}); problems
+  bucketed by length in pools of 16 batches.
+- Optimiser: AdamW (betas 0.9/0.98, weight decay 0.1), gradient clipping 1.0, linear warm-up then cosine decay of
+  the learning rate; trained in resumable chunks (the schedule horizon was set per chunk):
+{chunks}
+- Hardware and time: CPU (2 cores), float32; **{minutes:.0f} minutes** of training
+  (evaluation excluded). Shipped weights: step {log["best_step"]} (best dev accuracy during training).
+- Reproduce: `python examples/train_chain_arith.py --kind {info["family"]} --out runs/{info["family"]} ...` with the
+  arguments recorded in `training_log.json` (`args`, and per chunk `invocations`); the same command resumes.
+
+Learning curve (dev accuracy on the first {last["eval_problems"]} dev problems, {"greedy" if is_ar else
+"vanilla decoding: one token per step, block length " + str(last["eval_block_length"])}; last evaluations,
+the full curve is in `training_log.json`):
+
+| step | minutes | train loss | dev accuracy |
+|---|---|---|---|
+{curve_lines}
+"""
+    if report is None and is_ar:
+        accuracy = ar_dev_accuracy(folder)
+        text += f"""
+## Evaluation
+
+Greedy decoding (`generate`, KV cache) on the whole chain-arith dev split (500 problems), CPU float32:
+**{100 * accuracy:.1f}%** correct final answers. Speed figures come with the benchmark report.
+"""
+    if report is not None:
+        rows = [r for r in report["rows"] if (r["config"] == "ar-kv-cache") == is_ar]
+        if rows:
+            text += f"""
+## Evaluation (chain-arith dev, {rows[0]["problems"]} problems)
+
+Measured with `{report.get("command", "python -m dlm_generation.benchmark")}` ({report["device"]}, {report["dtype"]},
+{report["machine"]["threads"]} threads; speedups are wall-time ratios to vanilla diffusion decoding of the
+benchmark's diffusion model in the same run, median of {report["repeats"]}):
+
+{benchmark_table(rows)}
+"""
+    return text
+
+
+def main() -> None:
+    for name, info in MODELS.items():
+        folder = CARDS / name
+        if not (folder / "training_log.json").exists():
+            print(f"skip {name}: no training_log.json")
+            continue
+        path = REPORTS[info["family"]]
+        report = json.loads(path.read_text()) if path.exists() else None
+        (folder / "README.md").write_text(card(name, info, report))
+        print(f"wrote {folder / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
