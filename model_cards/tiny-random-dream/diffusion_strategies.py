@@ -97,7 +97,7 @@ def propose_tokens(
     top_k: int | None,
     top_p: float | None,
     confidence_excluded_ids: torch.Tensor | None = None,
-    mask_token_id: int | None = None,
+    never_drawn_ids: torch.Tensor | None = None,
 ) -> Proposal:
     """Draw a token at every position of `logits` (batch, window, vocab) and score it.
 
@@ -108,17 +108,16 @@ def propose_tokens(
     `entropy`: sum p log p (negative entropy); `random`: uniform; `origin`: none (zeros, positions are random).
     `confidence_excluded_ids` (LLaDA's `confidence_eos_eot_inf`) are removed from p after the token is drawn, so a
     proposed EOS/EoT gets confidence 0.
-    `mask_token_id` is never drawn (a committed mask would stay masked, and the loop would never end); it still
-    counts in the confidence distribution, so any step whose argmax is not the mask matches the references bitwise.
+    `never_drawn_ids` (the mask id: a committed mask would stay masked, and the loop would never end) are never
+    drawn; they still count in the confidence distribution, so any step whose argmax is not among them matches the
+    references bitwise.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if top_k is not None or (top_p is not None and top_p < 1):
         tempered = logits / temperature if temperature > 0 else logits
         kept = filter_top_k_top_p(tempered, top_k, top_p) > torch.finfo(logits.dtype).min
         logits = logits.masked_fill(~kept, torch.finfo(logits.dtype).min)
-    drawn = logits
-    if mask_token_id is not None:
-        drawn = logits.index_fill(-1, torch.tensor([mask_token_id], device=logits.device), NEG_INF)
+    drawn = logits if never_drawn_ids is None else logits.index_fill(-1, never_drawn_ids, NEG_INF)
     if temperature > 0:
         uniform = torch.rand(logits.shape, dtype=torch.float64, device=logits.device)
         tokens = (drawn.to(torch.float64) - temperature * torch.log(-torch.log(uniform))).argmax(-1)

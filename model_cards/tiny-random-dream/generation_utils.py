@@ -127,6 +127,7 @@ class DiffusionGenerationMixin(GenerationMixin):
 
         # 2. canvas
         mask_id = config.mask_token_id
+        mask_index = torch.tensor([mask_id], device=input_ids.device)  # never drawn as a token
         canvas = torch.cat([input_ids, input_ids.new_full((batch, config.max_new_tokens), mask_id)], dim=1)
         length = canvas.shape[1]
         padding_mask = None
@@ -192,7 +193,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                     logits = processor(canvas, logits)
                 # 4.3 proposals
                 proposal = propose_tokens(
-                    logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_id
+                    logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_index
                 )
                 confidence = torch.where(eligible, proposal.confidence, NEG_INF)
                 # 4.4 commit
