@@ -44,7 +44,7 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from dlm_generation import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 from dlm_generation.benchmark import BASE_CONFIG, solve
-from dlm_generation.tasks.chain_arith import dev_split, is_correct, train_problems
+from dlm_generation.tasks.chain_arith import accuracy, dev_split, train_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "model_cards" / "tiny-chain-arith-tokenizer"
@@ -191,7 +191,7 @@ def evaluate(model, tokenizer, kind: str, problems, gen_length: int, block_lengt
     settings = {**BASE_CONFIG, "steps": gen_length, "block_length": block_length}
     completions = solve(model, tokenizer, problems, gen_length, batch_size, settings, autoregressive=kind == "ar").completions
     model.train()
-    return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
+    return accuracy(completions, problems)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -212,7 +212,7 @@ RECOMMENDED = {
 }
 
 
-def export(model, tokenizer, kind: str, folder: Path, state: dict, args: argparse.Namespace) -> None:
+def export(model, tokenizer, kind: str, folder: Path, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.generation_config.update(**RECOMMENDED[kind])
     model.generation_config._from_model_config = False  # a chosen configuration, not derived from config.json
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         if not best_path.exists():
             sys.exit(f"no best checkpoint in {args.out}: train first")
         model.load_state_dict(torch.load(best_path, weights_only=True))
-        export(model, tokenizer, args.kind, args.export, state, args)
+        export(model, tokenizer, args.kind, args.export, state)
         return
 
     def save() -> None:

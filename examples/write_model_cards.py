@@ -58,15 +58,14 @@ def parameter_count(folder: Path) -> int:
 
 
 def ar_dev_accuracy(folder: Path) -> float:
+    """Greedy accuracy on the whole dev split, with the training script's evaluation."""
+    from train_chain_arith import evaluate  # examples/ is on sys.path when this script runs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dlm_generation.benchmark import solve
-    from dlm_generation.tasks import dev_split, is_correct
+    from dlm_generation.tasks import dev_split
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    problems = list(dev_split())
-    completions = solve(model.eval(), tokenizer, problems, 64, 50, autoregressive=True).completions
-    return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
+    return evaluate(model, tokenizer, "ar", list(dev_split()), gen_length=64, block_length=64)
 
 
 def benchmark_table(rows: list[dict]) -> str:

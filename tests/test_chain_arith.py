@@ -11,6 +11,7 @@ import pytest
 from dlm_generation.tasks import (
     DEV_SIZE,
     ChainArithProblem,
+    accuracy,
     dev_split,
     extract_answer,
     generate_problem,
@@ -102,3 +103,6 @@ def test_scoring():
     assert not is_correct(" 63 - 39 = 24. 24 + 46 = 70. #### 71", problem)
     assert not is_correct(" 63 - 39 = 24. 24 + 46 = 70. #### 70.", problem)
     assert not is_correct(" 63 - 39 = 24. 24 + 46 = 70.", problem)
+    assert accuracy([problem.completion, " #### 1"], [problem, problem]) == 0.5
+    with pytest.raises(ValueError, match="one completion per problem"):
+        accuracy([problem.completion], [problem, problem])

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks.chain_arith import ChainArithProblem, dev_split, is_correct
+from .tasks.chain_arith import ChainArithProblem, accuracy, dev_split
 
 VANILLA = "vanilla"
 MODEL_DEFAULT = "model-default"
@@ -254,7 +254,7 @@ class Candidate:
         return Row(
             config=self.name, settings=self.settings, gen_length=gen_length, batch_size=batch_size,
             problems=len(problems),
-            accuracy=sum(is_correct(c, p) for c, p in zip(self.first.completions, problems)) / len(problems),
+            accuracy=accuracy(self.first.completions, problems),
             nfe=statistics.mean(call["nfe"] for call in calls),
             tokens_per_forward=statistics.mean(per_forward) if per_forward else 0.0,
             tokens_per_second=sum(tokens) / median, seconds=median, seconds_all=list(self.seconds),
@@ -275,8 +275,7 @@ def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, b
         candidate.run(tokenizer, problems[:batch_size], gen_length, batch_size, sync)  # warm-up
         candidate.instrumented_pass(tokenizer, problems, gen_length, batch_size, sync)
         log(f"  {candidate.name} gen={gen_length} batch={batch_size}: accuracy "
-            f"{sum(is_correct(c, p) for c, p in zip(candidate.first.completions, problems)) / len(problems):.3f},"
-            f" {candidate.first.seconds:.2f}s")
+            f"{accuracy(candidate.first.completions, problems):.3f}, {candidate.first.seconds:.2f}s")
     while any(len(c.seconds) < repeats for c in candidates):
         for candidate in candidates:
             if len(candidate.seconds) < repeats:

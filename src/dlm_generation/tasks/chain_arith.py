@@ -140,3 +140,10 @@ def extract_answer(text: str) -> str | None:
 def is_correct(completion: str, problem: ChainArithProblem) -> bool:
     """Whether `completion`'s final answer equals the problem's result exactly."""
     return extract_answer(completion) == str(problem.answer)
+
+
+def accuracy(completions: list[str], problems: list[ChainArithProblem]) -> float:
+    """The share of `problems` whose completion (same order) is correct."""
+    if len(completions) != len(problems) or not problems:
+        raise ValueError(f"need one completion per problem, got {len(completions)} for {len(problems)} problems")
+    return sum(is_correct(c, p) for c, p in zip(completions, problems)) / len(problems)
