@@ -59,7 +59,9 @@ def parameter_count(folder: Path) -> int:
 
 def ar_dev_accuracy(folder: Path) -> float:
     """Greedy accuracy on the whole dev split, with the training script's evaluation."""
-    from train_chain_arith import evaluate  # examples/ is on sys.path when this script runs
+    from train_chain_arith import (
+        evaluate,  # examples/ is on sys.path when this script runs
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dlm_generation.tasks import dev_split
