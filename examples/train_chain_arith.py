@@ -8,7 +8,9 @@ Three kinds, one script:
   the *shifted* masked-diffusion objective: the logits at position i-1 predict the masked token at position i
   (how Dream-7B was made from Qwen2.5-7B).
 * ``--kind llada``: the LLaDA architecture with the unshifted masked-diffusion objective (the logits at a masked
-  position predict its own token); from scratch, or from an AR checkpoint with ``--init-from``.
+  position predict its own token); from scratch, or with ``--init-from`` from a Qwen2 AR or a Dream model (same
+  parameter names; folder or run checkpoint) plus ``--extra-layers`` blocks on top, initialised as a one-position
+  shift so that the unshifted head starts out reading the source's next-token features (`init_shift_block`).
 
 Masked-diffusion objective (LLaDA's SFT): the prompt is never masked; the completion is followed by EOS padding
 to a canvas of at least ``--canvas`` positions (the rest of the batch's length is EOS too), each canvas position
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -84,13 +87,25 @@ def build_model(kind: str, args: argparse.Namespace, tokenizer, fresh: bool = Tr
     torch.manual_seed(args.seed)
     model = {"ar": Qwen2ForCausalLM, "dream": DreamModel, "llada": LLaDAModelLM}[kind](config)
     if args.init_from and fresh:
-        load_ar_weights(model, kind, Path(args.init_from))
+        load_ar_weights(model, kind, Path(args.init_from), tokenizer)
     return model
 
 
-def load_ar_weights(model: torch.nn.Module, kind: str, source: Path) -> None:
-    """Copy a Qwen2 AR checkpoint (an HF folder) into `model`: same names for Dream, renamed for LLaDA."""
-    ar = Qwen2ForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+def source_state_dict(source: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Qwen2 or Dream model: an HF folder (model.safetensors) or a run's .pt checkpoint."""
+    if source.is_dir():
+        return load_file(source / "model.safetensors")
+    saved = torch.load(source, weights_only=False)
+    return saved["model"] if "model" in saved else saved
+
+
+def load_ar_weights(model: torch.nn.Module, kind: str, source: Path, tokenizer) -> None:
+    """Copy a Qwen2 AR model (or a Dream model, same names) into `model`: same names for Dream, renamed for LLaDA.
+
+    LLaDA blocks beyond the source's depth (``--extra-layers``) start as a one-position shift (see
+    `init_shift_block`), so that the unshifted LLaDA head reads at position i what the source's head read at i-1.
+    """
+    ar = source_state_dict(source)
     if kind == "llada":
         renames = {"model.embed_tokens": "model.transformer.wte", "model.norm": "model.transformer.ln_f",
                    "lm_head": "model.transformer.ff_out"}
@@ -109,18 +124,65 @@ def load_ar_weights(model: torch.nn.Module, kind: str, source: Path) -> None:
     missing, unexpected = model.load_state_dict(ar, strict=False)
     missing = [m for m in missing if "rotary" not in m]
     if kind == "llada":
-        # Blocks beyond the AR model's depth (--extra-layers) start as the identity: their output projections are
-        # zero, so the residual stream is the AR model's until they learn something (e.g. moving the AR's
-        # next-token features one position right, which LLaDA's unshifted head needs).
         blocks = model.model.transformer.blocks
         ar_depth = 1 + max(int(name.split(".")[3]) for name in ar if name.startswith("model.transformer.blocks."))
-        for block in blocks[ar_depth:]:
-            torch.nn.init.zeros_(block.attn_out.weight)
-            torch.nn.init.zeros_(block.ff_out.weight)
+        if ar_depth < len(blocks):
+            hidden_rms = final_hidden_rms(model, tokenizer, ar_depth)
+            for block in blocks[ar_depth:]:
+                init_shift_block(block, model.config.rope_theta, hidden_rms)
         missing = [m for m in missing if not any(m.startswith(f"model.transformer.blocks.{i}.")
                                                  for i in range(ar_depth, len(blocks)))]
     if missing or unexpected:
         raise RuntimeError(f"AR weights do not fit the {kind} model: missing {missing}, unexpected {unexpected}")
+
+
+@torch.no_grad()
+def final_hidden_rms(model, tokenizer, depth: int) -> float:
+    """Typical RMS of the residual stream after the first `depth` LLaDA blocks, on a half-masked training batch."""
+    problems = batch_problems(0, 16)
+    prompts, completions = encode(problems, tokenizer)
+    seen = []
+    hook = model.model.transformer.blocks[depth - 1].register_forward_hook(
+        lambda module, inputs, output: seen.append(output.pow(2).mean(-1).sqrt()))
+    try:
+        for p, c in zip(prompts, completions):
+            ids = torch.tensor([p + [tokenizer.mask_token_id if i % 2 else t for i, t in enumerate(c)]])
+            model(input_ids=ids)
+    finally:
+        hook.remove()
+    return torch.cat([s.flatten() for s in seen]).median().item()
+
+
+def init_shift_block(block, rope_theta: float, hidden_rms: float, frequencies: int = 8) -> None:
+    """Initialise an appended LLaDA block as a one-position right shift of the residual stream.
+
+    Attention is made purely positional: q and k are constant biases whose rotary phases line up only for the key
+    one position before the query (score A * sum_j cos(theta_j * (m - n - 1)) over the `frequencies` fastest
+    rotary frequencies; A makes the next-best position ~30 logits worse), values are the identity, and the
+    output projection scales the copied, RMS-normalised state of position i-1 to 100x the typical state at i.
+    The final RMSNorm is scale-invariant, so the head at i then reads (to ~1%) the features of position i-1: the
+    next-token features of an AR or Dream model, which LLaDA's unshifted head needs at the masked position
+    itself. The MLP starts switched off (zero output projection). Everything stays trainable.
+    """
+    head_dim, half = block.head_dim, block.head_dim // 2
+    theta = rope_theta ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim)
+    gap = frequencies - torch.cos(theta[:frequencies]).sum().item()  # score drop one position away, per unit A
+    amplitude = 30.0 * math.sqrt(head_dim) / gap
+    q_head, k_head = torch.zeros(head_dim, dtype=torch.float64), torch.zeros(head_dim, dtype=torch.float64)
+    q_head[:frequencies] = amplitude * torch.cos(theta[:frequencies])
+    q_head[half:half + frequencies] = -amplitude * torch.sin(theta[:frequencies])
+    k_head[:frequencies] = 1.0
+    d_model = block.attn_out.weight.shape[0]
+    with torch.no_grad():
+        block.attn_norm.weight.fill_(1.0)
+        block.q_proj.weight.zero_()
+        block.q_proj.bias.copy_(q_head.repeat(block.n_heads).float())
+        block.k_proj.weight.zero_()
+        block.k_proj.bias.copy_(k_head.repeat(block.n_kv_heads).float())
+        block.v_proj.weight.copy_(torch.eye(d_model))
+        block.v_proj.bias.zero_()
+        block.attn_out.weight.copy_(100.0 * hidden_rms * torch.eye(d_model))
+        block.ff_out.weight.zero_()
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -218,7 +280,7 @@ def export(model, tokenizer, kind: str, folder: Path, state: dict) -> None:
     model.generation_config._from_model_config = False  # a chosen configuration, not derived from config.json
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    summary = {k: state.get(k) for k in ("step", "train_seconds", "best_accuracy", "best_step", "curve",
+    summary = {k: state.get(k) for k in ("step", "train_seconds", "best_accuracy", "best_step", "best_metric", "curve",
                                           "invocations")}
     summary["args"] = state["args"]  # what defines the run (model, data); per-invocation settings in "invocations"
     (folder / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -229,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["ar", "dream", "llada"], required=True)
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log); resumes from it")
-    parser.add_argument("--init-from", help="HF folder of a Qwen2 AR model to initialise a dream/llada model from")
+    parser.add_argument("--init-from", help="Qwen2 AR or Dream model (HF folder or run .pt) to initialise from")
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
     parser.add_argument("--steps", type=int, default=20000, help="schedule length (cosine decay ends here)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -243,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ffn", type=int, default=768)
     parser.add_argument("--qkv-bias", action="store_true", help="LLaDA only: q/k/v biases (needed for AR init)")
     parser.add_argument("--extra-layers", type=int, default=0,
-                        help="LLaDA only: blocks on top of --layers, initialised as the identity (with --init-from)")
+                        help="LLaDA only: blocks on top of --layers, initialised as a one-position shift (with"
+                             " --init-from)")
     parser.add_argument("--canvas", type=int, default=64, help="min completion canvas (EOS-padded), diffusion")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-problems", type=int, default=200)
@@ -292,6 +355,14 @@ def main(argv: list[str] | None = None) -> None:
         state = {**state, **saved["state"]}
         print(f"resumed from step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)")
 
+    # Best-checkpoint selection compares like with like: a changed evaluation starts the selection afresh.
+    metric = {"problems": args.eval_problems, "gen_length": args.canvas, "block_length": args.eval_block_length,
+              "decoding": {k: v for k, v in BASE_CONFIG.items() if v is not None}}
+    if not args.export and state.get("best_metric") != metric:
+        if state["best_step"] >= 0:
+            print(f"evaluation changed from {state.get('best_metric')} to {metric}: best checkpoint selection restarts")
+        state["best_accuracy"], state["best_step"], state["best_metric"] = -1.0, -1, metric
+
     if args.export:
         if not best_path.exists():
             sys.exit(f"no best checkpoint in {args.out}: train first")
@@ -338,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
         if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
             accuracy = evaluate(model, tokenizer, args.kind, dev, args.canvas, args.eval_block_length)
             state["curve"].append({"step": state["step"], "train_minutes": round(state["train_seconds"] / 60, 2),
-                                   "loss": round(running, 5), "dev_accuracy": accuracy})
+                                   "loss": round(running, 5), "dev_accuracy": accuracy,
+                                   "eval": metric})
             print(f"\nstep {state['step']}: loss {running:.4f}, dev accuracy {accuracy:.3f} "
                   f"({state['train_seconds'] / 60:.1f} min)", flush=True)
             if accuracy > state["best_accuracy"]:

@@ -47,7 +47,10 @@ NAMED_CONFIGS: dict[str, dict] = {
 # Set by the benchmark itself; a configuration may not override them.
 RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_in_generate", "generation_config"}
 # Every diffusion configuration starts from this base (None = the model family's default, e.g. Dream's entropy).
-BASE_CONFIG = {"alg": None, "threshold": None, "factor": None, "eos_early_stop": False, "temperature": 0.0}
+# Vanilla is one token per step for every family, so the schedule is "linear": Dream's reference "eps" schedule
+# commits no token at a block's first step and two at its last (pass `NAME:schedule=eps` to measure it).
+BASE_CONFIG = {"alg": None, "schedule": "linear", "threshold": None, "factor": None, "eos_early_stop": False,
+               "temperature": 0.0}
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""examples/train_chain_arith.py: the script that trained the shipped chain-arith models.
+
+Tiny dimensions, a few steps: the point is that training, resuming, exporting and the AR/Dream -> LLaDA
+initialisation work, not that anything is learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+import dlm_generation
+from dlm_generation.tasks import dev_split
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import train_chain_arith as train  # noqa: E402
+
+TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--ffn", "128", "--batch-size", "8", "--warmup", "1",
+        "--eval-problems", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(train.TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory, tokenizer):
+    """A random 2-layer Qwen2 on the chain-arith tokenizer, saved like the shipped AR model."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=128, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def namespace(init_from, extra_layers=0, qkv_bias=True):
+    return argparse.Namespace(hidden=64, layers=2, heads=4, ffn=128, qkv_bias=qkv_bias, extra_layers=extra_layers,
+                              seed=0, init_from=str(init_from))
+
+
+def test_shift_block_makes_llada_read_the_shifted_features(qwen2_folder, tokenizer):
+    """LLaDA = the source's blocks + one shift block: its logits at i are the Dream logits at i-1."""
+    dream = train.build_model("dream", namespace(qwen2_folder), tokenizer).eval()
+    llada = train.build_model("llada", namespace(qwen2_folder, extra_layers=1), tokenizer).eval()
+    problem = dev_split(1)[0]
+    ids = torch.tensor([tokenizer(problem.prompt + problem.completion).input_ids])
+    ids[0, -12::2] = tokenizer.mask_token_id  # masked positions, as in decoding
+    with torch.no_grad():
+        shifted = dream(input_ids=ids).logits[0, :-1]
+        unshifted = llada(input_ids=ids).logits[0, 1:]
+    assert torch.equal(shifted.argmax(-1), unshifted.argmax(-1))
+    assert (shifted - unshifted).abs().max() < 0.05 * shifted.abs().max()
+    # without the shift block the unshifted head reads position i's own features: a different model
+    plain = train.build_model("llada", namespace(qwen2_folder), tokenizer).eval()
+    with torch.no_grad():
+        same_place = plain(input_ids=ids).logits[0, 1:]
+    assert (shifted.argmax(-1) != same_place.argmax(-1)).any()
+
+
+def test_llada_from_qwen2_needs_qkv_bias(qwen2_folder):
+    with pytest.raises(SystemExit):
+        train.main(["--kind", "llada", "--out", "unused", "--init-from", str(qwen2_folder), *TINY])
+
+
+def test_train_resume_export(tmp_path, qwen2_folder, capsys):
+    out = tmp_path / "run"
+    common = ["--kind", "llada", "--out", str(out), "--init-from", str(qwen2_folder), "--qkv-bias",
+              "--extra-layers", "1", *TINY, "--eval-every", "2"]
+    train.main([*common, "--steps", "2"])
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    assert state["step"] == 2 and [c["step"] for c in state["curve"]] == [2]
+    assert state["best_step"] == 2 and (out / "best.pt").exists()
+
+    train.main([*common, "--steps", "4"])  # resumes from step 2
+    assert "resumed from step 2" in capsys.readouterr().out
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    assert state["step"] == 4 and [i["from_step"] for i in state["invocations"]] == [0, 2]
+
+    with pytest.raises(SystemExit, match="different settings"):
+        train.main([*common[:-2], "--batch-size", "16", "--eval-every", "2", "--steps", "6"])
+
+    folder = tmp_path / "exported"
+    train.main([*common, "--steps", "4", "--export", str(folder)])
+    model = AutoModel.from_pretrained(folder)
+    assert isinstance(model, dlm_generation.LLaDAModelLM) and model.config.n_layers == 3
+    assert model.generation_config.block_length == train.RECOMMENDED["llada"]["block_length"]
+    log = json.loads((folder / "training_log.json").read_text())
+    assert log["step"] == 4 and log["args"]["extra_layers"] == 1 and log["best_metric"]["block_length"] == 32
+    assert AutoTokenizer.from_pretrained(folder).mask_token_id == 3
