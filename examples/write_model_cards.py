@@ -30,9 +30,12 @@ MODELS = {
             "the cross-entropy on masked positions weighted 1/t, divided by the canvas length"
         ),
         family="llada",
-        init=("the shipped tiny-ar-chain-arith weights, LLaDA's q/k/v biases from Qwen2's, plus one block on top "
-              "initialised as the identity (zero output projections) to learn the one-position shift that LLaDA's "
-              "unshifted head needs"),
+        init=("the shipped tiny-dream-chain-arith weights (itself adapted from tiny-ar-chain-arith), renamed to "
+              "LLaDA's parameter names (LLaDA's optional q/k/v biases hold Qwen2's), plus one block on top "
+              "initialised as an exact one-position shift of the residual stream (positional attention to the "
+              "previous position, identity values, MLP off), so that LLaDA's unshifted head starts out reading "
+              "the features Dream's shifted head read; then trained further with LLaDA's own objective"),
+        lineage=["tiny-dream-chain-arith", "tiny-ar-chain-arith"],
     ),
     "tiny-dream-chain-arith": dict(
         arch="Dream architecture (`DreamModel`, bidirectional Qwen2 blocks, logits shifted by one)",
@@ -42,7 +45,8 @@ MODELS = {
             "AR model's next-token head is reused as is"
         ),
         family="dream",
-        init="the shipped tiny-ar-chain-arith weights; Dream keeps Qwen2's parameter names, so they load as is",
+        init="the shipped tiny-ar-chain-arith weights (Dream keeps Qwen2's parameter names, so they load as is)",
+        lineage=["tiny-ar-chain-arith"],
     ),
     "tiny-ar-chain-arith": dict(
         arch="causal LM (transformers' `Qwen2ForCausalLM`)",
@@ -70,6 +74,39 @@ def ar_dev_accuracy(folder: Path) -> float:
     return evaluate(model, tokenizer, "ar", list(dev_split()), gen_length=64, block_length=64)
 
 
+def evaluation(entry: dict, is_ar: bool) -> str:
+    """How a learning-curve point was decoded."""
+    if is_ar:
+        return "greedy"
+    metric = entry["eval"]
+    decoding = metric["decoding"]
+    alg = f", alg {decoding['alg']}" if decoding.get("alg") else ""
+    return f"block {metric['block_length']}, {decoding.get('schedule', 'linear')} schedule{alg}"
+
+
+def plot_curve(curve: list[dict], path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    series: dict[str, list[dict]] = {}
+    for entry in curve:
+        series.setdefault(evaluation(entry, "eval" not in entry), []).append(entry)
+    for label, points in series.items():
+        ax.plot([p["step"] for p in points], [100 * p["dev_accuracy"] for p in points], "o-", label=label)
+    ax.set_xlabel("training step (batch 64)")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{name}: learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def benchmark_table(rows: list[dict]) -> str:
     lines = ["| config | gen length | batch | accuracy | NFE | tokens/forward | tokens/s | speedup vs vanilla |",
              "|---|---|---|---|---|---|---|---|"]
@@ -88,8 +125,12 @@ def card(name: str, info: dict, report: dict | None) -> str:
     curve = log["curve"]
     params = parameter_count(folder)
     minutes = log["train_seconds"] / 60
-    init = (f" Initialised from the weights of the AR model ({info['init']})." if args.get("init_from")
-            else " Trained from scratch.")
+    init = f" Initialised from {info['init']}." if args.get("init_from") else " Trained from scratch."
+    earlier = {model: json.loads((CARDS / model / "training_log.json").read_text())["train_seconds"] / 60
+               for model in info.get("lineage", [])}
+    lineage = "".join(f" + {m:.0f} min for {model}" for model, m in earlier.items())
+    total = (f" Counting the models it was initialised from: {minutes:.0f} min{lineage} ="
+             f" **{minutes + sum(earlier.values()):.0f} minutes** in all." if earlier else "")
     invocations = log.get("invocations") or []
     chunk_lines = []
     for i, inv in enumerate(invocations):
@@ -99,8 +140,7 @@ def card(name: str, info: dict, report: dict | None) -> str:
             f" to {inv['min_lr']} at step {inv['steps']}, {inv['threads']} thread(s)"
         )
     chunks = "\n".join(chunk_lines)
-    last = invocations[-1] if invocations else args
-    dims = (f"{args['layers']} layers, hidden {args['hidden']}, {args['heads']} heads, MLP {args['ffn']}, "
+    dims = (f"{args['layers'] + args.get('extra_layers', 0)} layers, hidden {args['hidden']}, {args['heads']} heads, MLP {args['ffn']}, "
             f"vocabulary {config.get('vocab_size', config.get('embedding_size'))}")
     is_ar = info["family"] == "ar"
     load = (
@@ -116,9 +156,10 @@ def card(name: str, info: dict, report: dict | None) -> str:
     if not is_ar:
         load = "import dlm_generation  # registers the architecture (or pass trust_remote_code=True)\n" + load
     curve_lines = "\n".join(
-        f"| {c['step']} | {c['train_minutes']:.0f} | {c['loss']:.4f} | {100 * c['dev_accuracy']:.1f}% |"
-        for c in curve[-6:]
+        f"| {c['step']} | {c['train_minutes']:.0f} | {c['loss']:.4f} | {100 * c['dev_accuracy']:.1f}% | "
+        f"{evaluation(c, is_ar)} |" for c in curve
     )
+    plot_curve(curve, folder / "learning_curve.png", name)
     text = f"""---
 library_name: {"transformers" if is_ar else "dlm-generation"}
 tags: [chain-arith, tiny, {"causal-lm" if is_ar else "diffusion-language-model"}]
@@ -153,16 +194,15 @@ with every digit its own token; `<|pad|>` 0, `<|startoftext|>` 1 (BOS, added by 
   the learning rate; trained in resumable chunks (the schedule horizon was set per chunk):
 {chunks}
 - Hardware and time: CPU (2 cores), float32; **{minutes:.0f} minutes** of training
-  (evaluation excluded). Shipped weights: step {log["best_step"]} (best dev accuracy during training).
+  (evaluation excluded).{total} Shipped weights: step {log["best_step"]} (best dev accuracy during training).
 - Reproduce: `python examples/train_chain_arith.py --kind {info["family"]} --out runs/{info["family"]} ...` with the
   arguments recorded in `training_log.json` (`args`, and per chunk `invocations`); the same command resumes.
 
-Learning curve (dev accuracy on the first {last["eval_problems"]} dev problems, {"greedy" if is_ar else
-"vanilla decoding: one token per step, block length " + str(last["eval_block_length"])}; last evaluations,
-the full curve is in `training_log.json`):
+Learning curve (dev accuracy on the first {curve[-1].get("eval", {}).get("problems", 200)} dev problems during
+training; also in `training_log.json` and `learning_curve.png`):
 
-| step | minutes | train loss | dev accuracy |
-|---|---|---|---|
+| step | minutes | train loss | dev accuracy | decoding |
+|---|---|---|---|---|
 {curve_lines}
 """
     if report is None and is_ar:
