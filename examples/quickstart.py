@@ -1,6 +1,10 @@
-"""Quick start: diffusion_generate on the shipped tiny LLaDA model (random weights, so the text is gibberish).
+"""Quick start: diffusion_generate on the shipped, trained tiny LLaDA model (CPU, a few seconds).
 
     python examples/quickstart.py
+
+Asks chain-arith questions through the tokenizer's chat template, decodes them once one token per step
+(vanilla) and once with the model's shipped generation_config.json (Fast-dLLM threshold decoding), and checks
+each final answer.
 """
 
 from pathlib import Path
@@ -8,22 +12,27 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dlm_generation  # noqa: F401  (registers LLaDA and Dream with the Auto classes)
+from dlm_generation.tasks import ChainArithProblem, is_correct
 
-folder = Path(__file__).resolve().parents[1] / "model_cards" / "tiny-random-llada"
-tokenizer = AutoTokenizer.from_pretrained(folder)
+folder = Path(__file__).resolve().parents[1] / "model_cards" / "tiny-llada-chain-arith"
+tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")  # the canvas follows the prompt
 model = AutoModelForCausalLM.from_pretrained(folder)
 
-prompts = ["Question: Tom has 3 apples and buys 5 more.", "Hello, world!"]
-inputs = tokenizer(prompts, return_tensors="pt", padding=True)  # left padding: the canvas follows the prompt
-for name, config in {
-    "vanilla (1 token / step)": dict(steps=32),
-    "Fast-dLLM threshold 0.9": dict(threshold=0.9),
+problems = [
+    ChainArithProblem(start=63, ops=(("Subtract", 39), ("Add", 46))),  # the task spec's example
+    ChainArithProblem(start=8, ops=(("Add", 75), ("Subtract", 19), ("Add", 52), ("Subtract", 90))),
+]
+chats = [[{"role": "user", "content": p.question}] for p in problems]
+inputs = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                       return_dict=True)
+print(f"shipped generation_config: {model.generation_config.to_diff_dict()}")
+for name, overrides in {
+    "vanilla (one token per step)": dict(threshold=None, eos_early_stop=False),
+    "shipped config (Fast-dLLM threshold)": {},
 }.items():
-    out = model.diffusion_generate(
-        inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=32, block_length=8,
-        eos_early_stop=True, return_dict_in_generate=True, **config,
-    )
+    out = model.diffusion_generate(**inputs, return_dict_in_generate=True, **overrides)
     completions = tokenizer.batch_decode(out.sequences[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
-    print(f"{name}: nfe={out.nfe}, tokens/forward={out.tokens_per_forward.tolist()}")
-    for prompt, completion in zip(prompts, completions):
-        print(f"  {prompt!r} -> {completion!r}")
+    print(f"\n{name}: {out.nfe} forwards for {out.sequences.shape[1] - inputs.input_ids.shape[1]} positions")
+    for problem, completion in zip(problems, completions):
+        verdict = "correct" if is_correct(completion, problem) else f"wrong, expected #### {problem.answer}"
+        print(f"  {problem.question}\n   ->{completion}   [{verdict}]")

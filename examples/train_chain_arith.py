@@ -384,9 +384,24 @@ def main(argv: list[str] | None = None) -> None:
         {"from_step": state["step"], **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                                         if k not in RUN_DEFINING and k not in ("export", "out")}}
     )
+    def checkpoint_if_best() -> None:
+        """Evaluate on the first dev problems; keep the weights in best.pt when they are the best so far."""
+        accuracy = evaluate(model, tokenizer, args.kind, dev, args.canvas, args.eval_block_length)
+        loss = None if running is None else round(running, 5)
+        state["curve"].append({"step": state["step"], "train_minutes": round(state["train_seconds"] / 60, 2),
+                               "loss": loss, "dev_accuracy": accuracy, "eval": metric})
+        print(f"\nstep {state['step']}: loss {loss}, dev accuracy {accuracy:.3f} "
+              f"({state['train_seconds'] / 60:.1f} min)", flush=True)
+        if accuracy > state["best_accuracy"]:
+            state["best_accuracy"], state["best_step"] = accuracy, state["step"]
+            torch.save(model.state_dict(), best_path.with_suffix(".tmp"))
+            best_path.with_suffix(".tmp").replace(best_path)
+
+    running = state["running"]
+    if state["step"] == 0 and args.init_from:  # where the initialisation starts from
+        checkpoint_if_best()
     model.train()
     bar = tqdm(total=args.steps, initial=state["step"], desc=args.kind, mininterval=20, file=sys.stdout)
-    running = state["running"]
     while state["step"] < args.steps and not stop["now"] and time.time() - started < args.minutes * 60:
         step_start = time.time()
         problems = batch_problems(state["step"], args.batch_size)
@@ -407,16 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{learning_rate(state['step'], args):.2e}", refresh=False)
         if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
-            accuracy = evaluate(model, tokenizer, args.kind, dev, args.canvas, args.eval_block_length)
-            state["curve"].append({"step": state["step"], "train_minutes": round(state["train_seconds"] / 60, 2),
-                                   "loss": round(running, 5), "dev_accuracy": accuracy,
-                                   "eval": metric})
-            print(f"\nstep {state['step']}: loss {running:.4f}, dev accuracy {accuracy:.3f} "
-                  f"({state['train_seconds'] / 60:.1f} min)", flush=True)
-            if accuracy > state["best_accuracy"]:
-                state["best_accuracy"], state["best_step"] = accuracy, state["step"]
-                torch.save(model.state_dict(), best_path.with_suffix(".tmp"))
-                best_path.with_suffix(".tmp").replace(best_path)
+            checkpoint_if_best()
             save()
             last_save = time.time()
         elif time.time() - last_save > args.save_minutes * 60:

@@ -156,8 +156,8 @@ def card(name: str, info: dict, report: dict | None) -> str:
     if not is_ar:
         load = "import dlm_generation  # registers the architecture (or pass trust_remote_code=True)\n" + load
     curve_lines = "\n".join(
-        f"| {c['step']} | {c['train_minutes']:.0f} | {c['loss']:.4f} | {100 * c['dev_accuracy']:.1f}% | "
-        f"{evaluation(c, is_ar)} |" for c in curve
+        f"| {c['step']} | {c['train_minutes']:.0f} | {'-' if c['loss'] is None else format(c['loss'], '.4f')} | "
+        f"{100 * c['dev_accuracy']:.1f}% | {evaluation(c, is_ar)} |" for c in curve
     )
     plot_curve(curve, folder / "learning_curve.png", name)
     text = f"""---
