@@ -267,10 +267,10 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
 # The shipped generation_config.json: the fast configuration recommended by the benchmark (README "Benchmarks").
 RECOMMENDED = {
     "ar": {"max_new_tokens": 64, "do_sample": False},
-    "llada": {"max_new_tokens": 64, "steps": 64, "block_length": 32, "alg": "low_confidence", "threshold": 0.9,
+    "llada": {"max_new_tokens": 64, "steps": 64, "block_length": 8, "alg": "low_confidence", "threshold": 0.9,
               "eos_early_stop": True, "temperature": 0.0},
-    "dream": {"max_new_tokens": 64, "steps": 64, "block_length": 32, "alg": "low_confidence", "threshold": 0.9,
-              "eos_early_stop": True, "temperature": 0.0},
+    "dream": {"max_new_tokens": 64, "steps": 64, "block_length": 8, "alg": "low_confidence", "threshold": 0.9,
+              "eos_early_stop": True, "temperature": 0.0, "schedule": "linear"},
 }
 
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--canvas", type=int, default=64, help="min completion canvas (EOS-padded), diffusion")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-problems", type=int, default=200)
-    parser.add_argument("--eval-block-length", type=int, default=32)
+    parser.add_argument("--eval-block-length", type=int, default=8)
     parser.add_argument("--save-minutes", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """Write the README.md model cards of the tiny chain-arith models from what was measured.
 
-Reads each folder's `training_log.json` (written by `train_chain_arith.py --export`) and the benchmark report
-`benchmarks/{llada,dream}_cpu.json` (written by `python -m dlm_generation.benchmark ... --json`), so the cards
+Reads each folder's `training_log.json` (written by `train_chain_arith.py --export`) and the benchmark reports
+`benchmarks/{llada,dream}_cpu*.json` (written by `python -m dlm_generation.benchmark ... --json`), so the cards
 always state the numbers of the shipped weights.
 
     python examples/write_model_cards.py
@@ -17,9 +17,10 @@ from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
-# The benchmark reports (python -m dlm_generation.benchmark ... --json); the AR baseline row comes from LLaDA's.
-REPORTS = {"llada": ROOT / "benchmarks" / "llada_cpu.json", "dream": ROOT / "benchmarks" / "dream_cpu.json",
-           "ar": ROOT / "benchmarks" / "llada_cpu.json"}
+# The benchmark reports (python -m dlm_generation.benchmark ... --json); the AR baseline rows come from LLaDA's.
+BENCHMARKS = ROOT / "benchmarks"
+REPORTS = {"llada": ["llada_cpu.json", "llada_cpu_256.json"], "dream": ["dream_cpu.json"],
+           "ar": ["llada_cpu.json", "llada_cpu_256.json"]}
 
 MODELS = {
     "tiny-llada-chain-arith": dict(
@@ -117,7 +118,7 @@ def benchmark_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def card(name: str, info: dict, report: dict | None) -> str:
+def card(name: str, info: dict, reports: list[dict]) -> str:
     folder = CARDS / name
     log = json.loads((folder / "training_log.json").read_text())
     config = json.loads((folder / "config.json").read_text())
@@ -205,7 +206,7 @@ training; also in `training_log.json` and `learning_curve.png`):
 |---|---|---|---|---|
 {curve_lines}
 """
-    if report is None and is_ar:
+    if not reports and is_ar:
         accuracy = ar_dev_accuracy(folder)
         text += f"""
 ## Evaluation
@@ -213,12 +214,14 @@ training; also in `training_log.json` and `learning_curve.png`):
 Greedy decoding (`generate`, KV cache) on the whole chain-arith dev split (500 problems), CPU float32:
 **{100 * accuracy:.1f}%** correct final answers. Speed figures come with the benchmark report.
 """
-    if report is not None:
+    if reports:
+        text += "\n## Evaluation\n"
+    for report in reports:
         rows = [r for r in report["rows"] if (r["config"] == "ar-kv-cache") == is_ar]
         if rows:
             text += f"""
-## Evaluation (chain-arith dev, {rows[0]["problems"]} problems)
-
+Chain-arith dev, first {rows[0]["problems"]} problems, generation length {rows[0]["gen_length"]}, batch
+{rows[0]["batch_size"]}.
 Measured with `{report.get("command", "python -m dlm_generation.benchmark")}` ({report["device"]}, {report["dtype"]},
 {report["machine"]["threads"]} threads; speedups are wall-time ratios to vanilla diffusion decoding of the
 benchmark's diffusion model in the same run, median of {report["repeats"]}):
@@ -234,9 +237,9 @@ def main() -> None:
         if not (folder / "training_log.json").exists():
             print(f"skip {name}: no training_log.json")
             continue
-        path = REPORTS[info["family"]]
-        report = json.loads(path.read_text()) if path.exists() else None
-        (folder / "README.md").write_text(card(name, info, report))
+        reports = [json.loads((BENCHMARKS / f).read_text()) for f in REPORTS[info["family"]]
+                   if (BENCHMARKS / f).exists()]
+        (folder / "README.md").write_text(card(name, info, reports))
         print(f"wrote {folder / 'README.md'}")
 
 

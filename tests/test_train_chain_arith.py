@@ -96,5 +96,5 @@ def test_train_resume_export(tmp_path, qwen2_folder, capsys):
     assert isinstance(model, dlm_generation.LLaDAModelLM) and model.config.n_layers == 3
     assert model.generation_config.block_length == train.RECOMMENDED["llada"]["block_length"]
     log = json.loads((folder / "training_log.json").read_text())
-    assert log["step"] == 4 and log["args"]["extra_layers"] == 1 and log["best_metric"]["block_length"] == 32
+    assert log["step"] == 4 and log["args"]["extra_layers"] == 1 and log["best_metric"]["block_length"] == 8
     assert AutoTokenizer.from_pretrained(folder).mask_token_id == 3
