@@ -1,0 +1,153 @@
+"""Building blocks shared by the diffusion LM modeling files (LLaDA, Dream).
+
+This file travels with saved models (it is a single-dot sibling import of the modeling files), so it imports only
+torch and transformers. It holds what both architectures compute identically: RMSNorm in float32, rotary position
+embeddings, the bidirectional attention call with its one cache contact point, and the conversion of a padding mask
+into an SDPA mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .diffusion_cache import DiffusionCache
+
+
+class DiffusionRMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as both reference models do."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DiffusionRotaryEmbedding(nn.Module):
+    """Rotary embedding (rotate-half layout) with tables computed in float32 at the requested positions."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = float(theta)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # Recomputed on demand (cheap): a registered buffer would be left uninitialised by meta-device loading.
+        exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.int64).float() / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: (batch, q_len) -> cos, sin: (batch, 1, q_len, head_dim)
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys (batch, heads, q_len, head_dim) in float32 when `x` is of lower precision."""
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    rotated = x.to(compute_dtype) * cos.to(compute_dtype) + rotate_half(x.to(compute_dtype)) * sin.to(compute_dtype)
+    return rotated.to(x.dtype)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, key_length: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Turn a padding mask into something `scaled_dot_product_attention` accepts.
+
+    * `None` or a 2-D mask without zeros -> `None` (full bidirectional attention, the fast path).
+    * 2-D (batch, key_length) mask of 1/0 or True/False -> boolean (batch, 1, 1, key_length): padded keys are hidden
+      from every query. Queries at padded positions still see the real keys, so their (unused) outputs stay finite.
+    * 4-D boolean masks (True = attend) and 4-D additive float masks are passed through.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        if attention_mask.shape != (batch_size, key_length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the keys have shape "
+                f"({batch_size}, {key_length}); pass one entry per key position (1 = attend, 0 = padding)."
+            )
+        keep = attention_mask.bool()
+        if bool(keep.all()):
+            return None
+        return keep[:, None, None, :]
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        return attention_mask.to(dtype)
+    raise ValueError(
+        f"attention_mask must be 2-D (batch, keys) or 4-D (batch, 1, queries, keys); got {attention_mask.dim()}-D."
+    )
+
+
+def diffusion_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_key_values: DiffusionCache,
+    layer_idx: int,
+) -> torch.Tensor:
+    """Bidirectional attention over (batch, heads, len, head_dim) tensors, grouped-query aware.
+
+    `past_key_values.update` is the single place where a model touches a diffusion cache: it receives this step's
+    keys and values (already rotated) and returns the keys and values to attend to. The null cache returns its
+    inputs unchanged.
+    """
+    key, value = past_key_values.update(key, value, layer_idx)
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, is_causal=False, scale=1.0 / math.sqrt(query.shape[-1])
+    )
+
+
+def select_logit_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """Keep the hidden states whose logits are needed: 0 = all, an int n = the last n, a 1-D tensor = those indices."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden_states[:, logits_to_keep.to(hidden_states.device)]
+    if logits_to_keep:
+        return hidden_states[:, -logits_to_keep:]
+    return hidden_states
+
+
+def default_position_ids(
+    attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """Positions that skip left padding: cumsum(mask) - 1 (0 at padded slots), or 0..L-1 without a 2-D mask."""
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == length:
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return torch.arange(length, device=device).unsqueeze(0).expand(batch_size, length)
+
+
+def layer_inputs(
+    rotary: DiffusionRotaryEmbedding,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """The per-forward inputs every layer shares: rotary tables at the query positions and the SDPA mask."""
+    batch, q_len, _ = hidden_states.shape
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask, batch, q_len, hidden_states.device)
+    key_length = attention_mask.shape[-1] if attention_mask is not None else q_len
+    mask = build_attention_mask(attention_mask, batch, key_length, hidden_states.dtype)
+    return rotary(position_ids, hidden_states.dtype), mask

@@ -1,0 +1,488 @@
+"""`DiffusionGenerationMixin`: the one denoising loop, then its helpers in call order.
+
+Mixed into a `PreTrainedModel` that declares two class attributes:
+
+* `diffusion_logits_shift` (int): 0 if position i predicts token i (LLaDA), 1 if the prediction for position i is
+  read at position i - 1 (Dream, adapted from an autoregressive model).
+* `diffusion_generation_defaults` (dict): the family's defaults (schedule, alg, ...), the layer just above the
+  library defaults in the precedence rule.
+
+This file travels with saved models, so it imports only torch, transformers and sibling files.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+from transformers.utils import ModelOutput
+
+from .configuration_diffusion import (
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    DEFAULT_MAX_NEW_TOKENS,
+    LIBRARY_DEFAULTS,
+    DiffusionGenerationConfig,
+    check_known_kwargs,
+    translate_aliases,
+)
+from .diffusion_cache import DIFFUSION_CACHE_CLASSES, DiffusionCache
+from .diffusion_strategies import NEG_INF, StepContext, build_strategies, propose_tokens
+
+MODEL_INPUT_NAMES = {"input_ids", "attention_mask", "tokenizer"}
+# Arguments that pipelines and upstream `generate` callers pass and that have no effect on diffusion decoding.
+IGNORED_GENERATE_ARGS = {"use_cache", "synced_gpus", "prefix_length"}
+
+
+@dataclass
+class DiffusionGenerateOutput(ModelOutput):
+    """Result of `diffusion_generate(..., return_dict_in_generate=True)`.
+
+    Attributes:
+        sequences: (batch, prompt_len + max_new_tokens) prompt followed by the completion. With `eos_early_stop` or
+            `stop_strings`, the positions after the first stop are `pad_token_id`.
+        nfe: number of model forward passes (full or partial) made by this call; a CFG forward of the doubled batch
+            counts once.
+        tokens_per_forward: (batch,) generated tokens up to and including the first stop token, divided by `nfe`.
+        history: with `output_history=True`, the canvas after every step (list of (batch, length) tensors).
+    """
+
+    sequences: torch.LongTensor | None = None
+    nfe: int | None = None
+    tokens_per_forward: torch.Tensor | None = None
+    history: list[torch.LongTensor] | None = None
+
+
+class DiffusionGenerationMixin(GenerationMixin):
+    """Adds `diffusion_generate()` and a pipeline-compatible `generate()` to a masked-diffusion LM."""
+
+    generation_config_class = DiffusionGenerationConfig
+    diffusion_logits_shift: int = 0
+    diffusion_generation_defaults: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer=None,
+        past_key_values: DiffusionCache | None = None,
+        assistant_model=None,
+        **kwargs,
+    ) -> DiffusionGenerateOutput | torch.LongTensor:
+        """Fill `max_new_tokens` masked positions after the prompt by iterative unmasking.
+
+        1. Resolve the config: call kwargs > `generation_config` > `model.generation_config` > family defaults >
+           library defaults; validate it; unknown kwargs raise.
+        2. Build the canvas: prompt followed by `max_new_tokens` mask ids, padding mask and position ids.
+        3. Turn strings into objects: schedule, commit policy, cache, logits processors, stopping criteria.
+        4. For each block, until it has no eligible masks (masks before the block end, in unfinished rows):
+           4.1 run the model (through the cache) and read the logits of the positions that can change;
+           4.2 apply the model's logit shift, classifier-free guidance and the logits processors;
+           4.3 propose a token and a confidence at every position;
+           4.4 choose the positions to commit (schedule count + policy) and commit them;
+           4.5 finish rows: `eos_early_stop`, `stop_strings`, stopping criteria.
+        5. Return `sequences` (and `nfe`, `tokens_per_forward`, `history` with `return_dict_in_generate=True`).
+
+        Args:
+            inputs / input_ids: (batch, prompt_len) prompt ids; batches are left-padded.
+            attention_mask: (batch, prompt_len), 0 on padding.
+            generation_config: a `DiffusionGenerationConfig` (or plain `GenerationConfig`) for this call.
+            logits_processor: `LogitsProcessor`s called as `processor(canvas, logits)` with `canvas` (batch, length)
+                and `logits` (batch, window, vocab) before tokens are proposed. Processors that act on the vocabulary
+                axis only are shape-safe: `SuppressTokensLogitsProcessor`, `TemperatureLogitsWarper`,
+                `TopKLogitsWarper`, `NoBadWordsLogitsProcessor` with single-token bad words is NOT (it reads the canvas
+                as a left-to-right history), nor are `TopPLogitsWarper`, `MinPLogitsWarper` or
+                `RepetitionPenaltyLogitsProcessor` (they index dimension 1 as the vocabulary); use the config's
+                `top_p` instead.
+            stopping_criteria: `StoppingCriteria`s called as `criterion(canvas, None)` after every step; a row for
+                which one returns True is finished and its remaining masks become `pad_token_id`.
+            streamer: receives the prompt, then each newly settled token run (tokens before the first mask);
+                batch size 1, like upstream streamers.
+            past_key_values: a `DiffusionCache` instance (overrides `cache_implementation`).
+            assistant_model: reserved for AR-guided diffusion (not available in this version).
+            kwargs: any `DiffusionGenerationConfig` field or LLaDA alias (`gen_length`, `mask_id`, `remasking`).
+        """
+        # 1. config and inputs
+        if inputs is not None and kwargs.get("input_ids") is not None:
+            raise ValueError("Pass the prompt either positionally (inputs) or as input_ids=, not both.")
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        tokenizer = kwargs.pop("tokenizer", None)
+        if assistant_model is not None or kwargs.get("guidance") is not None:
+            raise ValueError(
+                "AR-guided diffusion (assistant_model / guidance) is not available in this version of dlm-generation;"
+                " drop the argument."
+            )
+        config = self._prepare_generation_config(generation_config, kwargs)
+        input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, config)
+        batch, prompt_len = input_ids.shape
+        config = self._resolve_lengths(config, prompt_len)
+
+        # 2. canvas
+        mask_id = config.mask_token_id
+        mask_index = torch.tensor([mask_id], device=input_ids.device)  # never drawn as a token
+        canvas = torch.cat([input_ids, input_ids.new_full((batch, config.max_new_tokens), mask_id)], dim=1)
+        length = canvas.shape[1]
+        padding_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            padding_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones((batch, config.max_new_tokens)).bool()], 1)
+        position_ids = self._canvas_position_ids(padding_mask, batch, length, canvas.device)
+        uncond_prompt = None
+        if config.cfg_scale > 0:
+            uncond_prompt = input_ids.masked_fill(input_ids != mask_id, mask_id)
+
+        # 3. strategies
+        strategies = build_strategies(config)
+        cache = self._prepare_diffusion_cache(config, past_key_values)
+        processors = self._prepare_logits_processors(config, logits_processor, canvas.device)
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        stop_ids = self._stop_token_ids(config, canvas.device)
+        excluded_ids = stop_ids if config.confidence_eos_eot_inf and stop_ids.numel() else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
+        history = [] if config.output_history else None
+        nfe = 0
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        streamed = prompt_len
+
+        # 4. the denoising loop
+        block_length = config.block_length or config.max_new_tokens
+        num_blocks = config.max_new_tokens // block_length
+        steps_in_block = config.steps // num_blocks
+        cache.begin_generation(canvas, padding_mask)
+        for block in range(num_blocks):
+            block_end = prompt_len + (block + 1) * block_length
+            is_mask = canvas[:, :block_end] == mask_id
+            eligible_counts = (is_mask & ~finished[:, None]).sum(-1)
+            if not bool((eligible_counts > 0).any()):
+                continue
+            # The window of positions that can change in this block: from the first eligible mask to the block end.
+            window_start = int(is_mask.any(0).nonzero()[0])
+            strategies.schedule.begin_block(eligible_counts, steps_in_block)
+            strategies.policy.begin_block(eligible_counts, steps_in_block)
+            cache.begin_block(block_end - block_length, block_end)
+            step = 0
+            # Every policy commits at least one token per row within its step budget, so this bound is never
+            # reached; it turns a future policy bug into an error instead of a hang.
+            max_steps = steps_in_block + (block_end - window_start)
+            while True:
+                window = canvas[:, window_start:block_end]
+                eligible = (window == mask_id) & ~finished[:, None]
+                remaining = eligible.sum(-1)
+                if not bool((remaining > 0).any()):
+                    break
+                if step >= max_steps:
+                    raise RuntimeError(
+                        f"diffusion_generate made no progress: block {block} still has masked positions after"
+                        f" {step} steps (alg={config.alg!r}, threshold={config.threshold}, factor={config.factor})."
+                        " Please report this with the configuration."
+                    )
+                # 4.1-4.2 logits of the window
+                logits = self._window_logits(
+                    canvas, padding_mask, position_ids, uncond_prompt, cache, window_start, block_end, config
+                )
+                nfe += 1
+                for processor in processors:
+                    logits = processor(canvas, logits)
+                # 4.3 proposals
+                proposal = propose_tokens(
+                    logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_index
+                )
+                confidence = torch.where(eligible, proposal.confidence, NEG_INF)
+                # 4.4 commit
+                ctx = StepContext(
+                    step=step,
+                    count=strategies.schedule.count(step, remaining),
+                    remaining=remaining,
+                    schedule=strategies.schedule,
+                )
+                commit = strategies.policy.select(confidence, eligible, ctx)
+                canvas[:, window_start:block_end] = torch.where(commit, proposal.tokens, window)
+                cache.end_step()
+                step += 1
+                # 4.5 finished rows
+                finished = self._update_finished(canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer)
+                if history is not None:
+                    history.append(canvas.clone())
+                if streamer is not None:
+                    streamed = self._stream_settled(streamer, canvas, streamed, mask_id)
+                # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
+                # sync) also ends the block, and every later block, once all rows are finished.
+
+        # 5. outputs
+        if streamer is not None:
+            streamer.end()
+        sequences = canvas
+        if not config.return_dict_in_generate:
+            return sequences
+        return DiffusionGenerateOutput(
+            sequences=sequences,
+            nfe=nfe,
+            tokens_per_forward=self._generated_lengths(canvas, prompt_len, stop_ids) / max(nfe, 1),
+            history=history,
+        )
+
+    def generate(self, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None,
+                 logits_processor=None, stopping_criteria=None, streamer=None, **kwargs):
+        """Pipeline-compatible entry point: the same loop as `diffusion_generate`.
+
+        Accepts what `pipeline("text-generation")` passes (`input_ids`, `attention_mask`, `max_new_tokens`,
+        `do_sample`, `temperature`, `pad_token_id`, `generation_config`, `stop_strings`, `tokenizer`). Arguments
+        that only matter to autoregressive decoding (`use_cache`, `synced_gpus`) are ignored.
+        """
+        for name in IGNORED_GENERATE_ARGS:
+            kwargs.pop(name, None)
+        return self.diffusion_generate(
+            inputs, generation_config=generation_config, logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria, streamer=streamer, **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------ 1. config
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> DiffusionGenerationConfig:
+        """Apply the precedence rule once; return a validated, fully resolved config. Consumes `kwargs`."""
+        check_known_kwargs(kwargs, MODEL_INPUT_NAMES)
+        call_kwargs = translate_aliases(kwargs)
+        kwargs.clear()
+        layers = [
+            self.diffusion_generation_defaults,
+            DiffusionGenerationConfig.from_generation_config(self.generation_config).explicit_fields()
+            if self.generation_config is not None else {},
+            DiffusionGenerationConfig.from_generation_config(generation_config).explicit_fields()
+            if generation_config is not None else {},
+        ]
+        resolved = dict(LIBRARY_DEFAULTS)
+        for layer in layers:
+            resolved.update({k: v for k, v in layer.items() if v is not None})
+        # Explicit call kwargs win even when None (Dream's call style passes top_p=None, alg_temp=None, ...):
+        # None then means "back to the default", the family's if it has one, else the library's.
+        defaults = {**LIBRARY_DEFAULTS, **self.diffusion_generation_defaults}
+        resolved.update({k: (v if v is not None else defaults.get(k)) for k, v in call_kwargs.items()})
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+            if resolved.get(name) is None:
+                resolved[name] = getattr(self.config, name, None)
+        if resolved["do_sample"] is False:
+            resolved["temperature"] = 0.0
+        if resolved["alg"] == "confidence_threshold" and resolved["threshold"] is None:
+            resolved["threshold"] = DEFAULT_CONFIDENCE_THRESHOLD
+        config = DiffusionGenerationConfig(**resolved)  # validates
+        return config
+
+    def _prepare_prompt(self, input_ids, attention_mask, config):
+        if input_ids is None:
+            raise ValueError(
+                "diffusion_generate needs a prompt: pass input_ids (batch, prompt_len); for an unconditional sample "
+                "pass a single bos token, e.g. torch.tensor([[bos_token_id]])."
+            )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(
+                f"input_ids must be an integer tensor of shape (batch, prompt_len); got "
+                f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')}. Use tokenizer(..., return_tensors='pt')."
+            )
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: pass at least one prompt of at least one token "
+                "(e.g. the bos token)."
+            )
+        vocab = self.get_input_embeddings().num_embeddings
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"input_ids contains ids outside the model's vocabulary [0, {vocab}).")
+        if config.mask_token_id is not None and config.mask_token_id >= vocab:
+            raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary [0, {vocab}).")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
+                "they must match (1 = token, 0 = left padding)."
+            )
+        if attention_mask is not None and not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+            raise ValueError(
+                "attention_mask has padding after real tokens; diffusion generation appends the canvas after the "
+                "prompt, so pad on the left (tokenizer.padding_side = 'left')."
+            )
+        input_ids = input_ids.to(self.device).long()
+        attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
+        if config.num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+        return input_ids, attention_mask
+
+    def _resolve_lengths(self, config: DiffusionGenerationConfig, prompt_len: int) -> DiffusionGenerationConfig:
+        config = copy.deepcopy(config)
+        if config.max_new_tokens is None:
+            if config.max_length is not None:
+                if config.max_length <= prompt_len:
+                    raise ValueError(
+                        f"max_length ({config.max_length}) leaves no room after the {prompt_len}-token prompt; "
+                        "set max_new_tokens instead."
+                    )
+                config.max_new_tokens = config.max_length - prompt_len
+            else:
+                config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        if config.steps is None:
+            config.steps = config.max_new_tokens
+        config.validate()
+        config.check_resolved()
+        return config
+
+    # ------------------------------------------------------------------------------------------ 2-3. set-up
+    @staticmethod
+    def _canvas_position_ids(padding_mask, batch, length, device):
+        if padding_mask is None:
+            return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
+        return (padding_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+    def _prepare_diffusion_cache(self, config, past_key_values) -> DiffusionCache:
+        if past_key_values is not None:
+            if not isinstance(past_key_values, DiffusionCache):
+                raise ValueError(
+                    f"past_key_values must be a DiffusionCache (got {type(past_key_values).__name__}); "
+                    "autoregressive caches do not apply to diffusion decoding."
+                )
+            return past_key_values
+        if config.cache_implementation is None:
+            return DiffusionCache()
+        cache_class = DIFFUSION_CACHE_CLASSES.get(config.cache_implementation)
+        if cache_class is None:
+            raise ValueError(
+                f"cache_implementation={config.cache_implementation!r} is not available in this version of "
+                "dlm-generation; use cache_implementation=None."
+            )
+        return cache_class(config.cache_config)
+
+    def _prepare_logits_processors(self, config, logits_processor, device) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if config.logits_eos_inf:
+            eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+            if eos == [None]:
+                raise ValueError("logits_eos_inf=True needs an eos_token_id; pass eos_token_id=...")
+            processors.append(SuppressTokensLogitsProcessor(eos, device=device))
+        processors.extend(logits_processor or [])
+        return processors
+
+    @staticmethod
+    def _stop_token_ids(config, device) -> torch.Tensor:
+        eos = config.eos_token_id
+        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if config.eot_token_id is not None:
+            ids.append(config.eot_token_id)
+        return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
+
+    # ------------------------------------------------------------------------------------------ 4. step helpers
+    def _window_logits(self, canvas, padding_mask, position_ids, uncond_prompt, cache, window_start, block_end, config):
+        """Logits (batch, window, vocab) for canvas positions [window_start, block_end), shift and CFG applied."""
+        start, end = cache.query_range(canvas.shape[1], block_end - (config.block_length or config.max_new_tokens), block_end)
+        shift = self.diffusion_logits_shift
+        # Position i reads the prediction made at i - shift (position 0 reads its own).
+        keep = (torch.arange(window_start, block_end, device=canvas.device) - shift).clamp_min(0) - start
+        inputs, mask, positions = canvas[:, start:end], padding_mask, position_ids[:, start:end]
+        if uncond_prompt is not None:
+            uncond = canvas.clone()
+            uncond[:, : uncond_prompt.shape[1]] = uncond_prompt
+            inputs = torch.cat([inputs, uncond[:, start:end]])
+            mask = torch.cat([mask, mask]) if mask is not None else None
+            positions = torch.cat([positions, positions])
+        logits = self(
+            input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=keep
+        ).logits
+        if uncond_prompt is not None:
+            cond, uncond_logits = logits.chunk(2)
+            logits = uncond_logits + (config.cfg_scale + 1) * (cond - uncond_logits)
+        return logits
+
+    def _update_finished(self, canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer):
+        """Mark rows as finished; pad what follows a row's stop (eos_early_stop, stop_strings) or its masks."""
+        pad_id = config.pad_token_id if config.pad_token_id is not None else config.mask_token_id
+        if config.eos_early_stop and stop_ids.numel():
+            generated = canvas[:, prompt_len:]
+            is_mask = generated == config.mask_token_id
+            masks_before = is_mask.long().cumsum(-1) - is_mask.long()
+            settled_stop = torch.isin(generated, stop_ids) & (masks_before == 0)
+            first = torch.where(settled_stop.any(-1), settled_stop.long().argmax(-1), generated.shape[1])
+            cut = (torch.arange(generated.shape[1], device=canvas.device) > first[:, None]) & ~finished[:, None]
+            canvas[:, prompt_len:] = generated.masked_fill(cut, pad_id)
+            finished = finished | (first < generated.shape[1])
+        if config.stop_strings:
+            finished = self._apply_stop_strings(canvas, finished, prompt_len, config, tokenizer, pad_id)
+        if len(criteria):
+            done = criteria(canvas, None) & ~finished
+            canvas[:, prompt_len:] = canvas[:, prompt_len:].masked_fill(
+                done[:, None] & (canvas[:, prompt_len:] == config.mask_token_id), pad_id
+            )
+            finished = finished | done
+        return finished
+
+    @staticmethod
+    def _apply_stop_strings(canvas, finished, prompt_len, config, tokenizer, pad_id):
+        """A row stops once its settled text (before the first mask) contains a stop string (kept in the output)."""
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=... as well.")
+        stops = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
+        for row in (~finished).nonzero().flatten().tolist():
+            generated = canvas[row, prompt_len:]
+            masks = (generated == config.mask_token_id).nonzero()
+            settled = generated[: int(masks[0]) if len(masks) else len(generated)].tolist()
+            if not any(s in tokenizer.decode(settled) for s in stops):
+                continue
+            end = next(i for i in range(1, len(settled) + 1) if any(s in tokenizer.decode(settled[:i]) for s in stops))
+            canvas[row, prompt_len + end:] = pad_id
+            finished[row] = True
+        return finished
+
+    @staticmethod
+    def _stream_settled(streamer, canvas, streamed, mask_id):
+        masks = (canvas[0, streamed:] == mask_id).nonzero()
+        settled_end = streamed + (int(masks[0]) if len(masks) else canvas.shape[1] - streamed)
+        if settled_end > streamed:
+            streamer.put(canvas[0, streamed:settled_end].cpu())
+        return settled_end
+
+    @staticmethod
+    def _generated_lengths(canvas, prompt_len, stop_ids) -> torch.Tensor:
+        """Generated tokens up to and including the first stop token (all of them without one), per row."""
+        generated = canvas[:, prompt_len:]
+        is_stop = torch.isin(generated, stop_ids) if stop_ids.numel() else torch.zeros_like(generated, dtype=torch.bool)
+        first = torch.where(is_stop.any(-1), is_stop.long().argmax(-1) + 1, generated.shape[1])
+        return first.to(torch.float32)
+
+    # ------------------------------------------------------------------------------------------ transformers hooks
+    def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                             cache_dir=None, force_download=False, proxies=None, local_files_only=False, token=None,
+                             revision=None, subfolder="", trust_remote_code=None, **kwargs):
+        """Load `generation_config.json` as a `DiffusionGenerationConfig` (upstream would load a plain one and drop
+        the diffusion fields), falling back to the model config's special tokens when the file is missing."""
+        if generation_config is not None:
+            self.generation_config = DiffusionGenerationConfig.from_generation_config(generation_config)
+        elif pretrained_model_name_or_path is not None:
+            try:
+                self.generation_config = DiffusionGenerationConfig.from_pretrained(
+                    pretrained_model_name_or_path, cache_dir=cache_dir, force_download=force_download,
+                    proxies=proxies, local_files_only=local_files_only, token=token, revision=revision,
+                    subfolder=subfolder, _from_auto=from_auto_class, _from_pipeline=from_pipeline,
+                )
+            except OSError:
+                self.generation_config = DiffusionGenerationConfig.from_model_config(self.config)
+        self._fill_generation_config_defaults()
+
+    def _fill_generation_config_defaults(self) -> None:
+        """Write the decoding defaults the model really uses into `generation_config` where it leaves them unset,
+        so that what `generation_config.json` (and a pipeline) sees is what the model does: greedy, the family's
+        schedule and alg, and the model config's special tokens."""
+        if not isinstance(self.generation_config, DiffusionGenerationConfig):
+            # A model built from a config (not from_pretrained) starts with transformers' plain GenerationConfig,
+            # whose save-time validation rejects temperature=0.0 without do_sample and drops diffusion fields.
+            self.generation_config = DiffusionGenerationConfig.from_generation_config(self.generation_config)
+        config = self.generation_config
+        defaults = {"temperature": 0.0, **self.diffusion_generation_defaults}
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+            defaults[name] = getattr(self.config, name, None)
+        for name, value in defaults.items():
+            if getattr(config, name, None) is None and value is not None:
+                setattr(config, name, value)
+
