@@ -25,7 +25,9 @@ problems = [
 chats = [[{"role": "user", "content": p.question}] for p in problems]
 inputs = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
                                        return_dict=True)
-print(f"shipped generation_config: {model.generation_config.to_diff_dict()}")
+shipped = model.generation_config
+print("shipped generation_config:", {k: getattr(shipped, k) for k in ("max_new_tokens", "block_length", "alg",
+                                                                      "threshold", "eos_early_stop")})
 for name, overrides in {
     "vanilla (one token per step)": dict(threshold=None, eos_early_stop=False),
     "shipped config (Fast-dLLM threshold)": {},

@@ -206,16 +206,16 @@ training; also in `training_log.json` and `learning_curve.png`):
 |---|---|---|---|---|
 {curve_lines}
 """
-    if not reports and is_ar:
+    if is_ar:
         accuracy = ar_dev_accuracy(folder)
         text += f"""
 ## Evaluation
 
 Greedy decoding (`generate`, KV cache) on the whole chain-arith dev split (500 problems), CPU float32:
-**{100 * accuracy:.1f}%** correct final answers. Speed figures come with the benchmark report.
+**{100 * accuracy:.1f}%** correct final answers.
 """
     if reports:
-        text += "\n## Evaluation\n"
+        text += "\n## Benchmark\n" if is_ar else "\n## Evaluation\n"
     for report in reports:
         rows = [r for r in report["rows"] if (r["config"] == "ar-kv-cache") == is_ar]
         if rows:

@@ -28,8 +28,8 @@ PROBLEMS = list(dev_split(8))
 # margin for other CPUs' rounding.
 MIN_SOLVED_AR = 6  # greedy; solves 7
 MIN_SOLVED = {  # (vanilla: one token per step, the shipped generation_config)
-    "llada": (TODO, TODO),
-    "dream": (TODO, TODO),
+    "llada": (6, 4),  # solves 7 and 5
+    "dream": (4, 3),  # solves 5 and 4
 }
 
 
@@ -102,9 +102,10 @@ def test_benchmark_end_to_end(tmp_path, capsys):
     assert set(rows) == {"vanilla", "threshold-0.9+eos", "fast", "ar-kv-cache"}
     assert rows["vanilla"]["speedup"] == 1.0 and rows["vanilla"]["nfe"] == 64
     assert rows["fast"]["settings"]["threshold"] == 0.001
-    assert rows["fast"]["nfe"] == 8  # every position passes a 0.001 threshold: one forward per block
+    # every position passes a 0.001 threshold: one forward per block of 8, none after every row's EOS
+    assert rows["fast"]["nfe"] <= 8
     assert rows["ar-kv-cache"]["accuracy"] >= 0.75  # the trained AR model solves 3 of the first 4 dev problems
-    assert rows["vanilla"]["accuracy"] >= 0.5  # the trained LLaDA solves TODO of them
+    assert rows["vanilla"]["accuracy"] >= 0.5  # the trained LLaDA solves 3 of them
     for row in rows.values():
         assert 0 <= row["accuracy"] <= 1 and row["problems"] == 4 and row["tokens_per_second"] > 0
         assert 0 <= row["loop_overhead"] < 1
