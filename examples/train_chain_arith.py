@@ -102,8 +102,9 @@ def source_state_dict(source: Path) -> dict[str, torch.Tensor]:
 def load_ar_weights(model: torch.nn.Module, kind: str, source: Path, tokenizer) -> None:
     """Copy a Qwen2 AR model (or a Dream model, same names) into `model`: same names for Dream, renamed for LLaDA.
 
-    LLaDA blocks beyond the source's depth (``--extra-layers``) start as a one-position shift (see
-    `init_shift_block`), so that the unshifted LLaDA head reads at position i what the source's head read at i-1.
+    The first LLaDA block beyond the source's depth (``--extra-layers``) starts as a one-position shift (see
+    `init_shift_block`), so that the unshifted LLaDA head reads at position i what the source's head read at i-1;
+    further extra blocks start as the identity (zero output projections).
     """
     ar = source_state_dict(source)
     if kind == "llada":
@@ -126,10 +127,12 @@ def load_ar_weights(model: torch.nn.Module, kind: str, source: Path, tokenizer) 
     if kind == "llada":
         blocks = model.model.transformer.blocks
         ar_depth = 1 + max(int(name.split(".")[3]) for name in ar if name.startswith("model.transformer.blocks."))
-        if ar_depth < len(blocks):
-            hidden_rms = final_hidden_rms(model, tokenizer, ar_depth)
-            for block in blocks[ar_depth:]:
-                init_shift_block(block, model.config.rope_theta, hidden_rms)
+        if ar_depth < len(blocks):  # the first extra block shifts; any further ones start as the identity
+            init_shift_block(blocks[ar_depth], model.config.rope_theta, final_hidden_rms(model, tokenizer, ar_depth))
+            for block in blocks[ar_depth + 1:]:
+                with torch.no_grad():
+                    block.attn_out.weight.zero_()
+                    block.ff_out.weight.zero_()
         missing = [m for m in missing if not any(m.startswith(f"model.transformer.blocks.{i}.")
                                                  for i in range(ar_depth, len(blocks)))]
     if missing or unexpected:

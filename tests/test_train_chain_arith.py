@@ -48,10 +48,11 @@ def namespace(init_from, extra_layers=0, qkv_bias=True):
                               seed=0, init_from=str(init_from))
 
 
-def test_shift_block_makes_llada_read_the_shifted_features(qwen2_folder, tokenizer):
-    """LLaDA = the source's blocks + one shift block: its logits at i are the Dream logits at i-1."""
+@pytest.mark.parametrize("extra_layers", [1, 2])
+def test_shift_block_makes_llada_read_the_shifted_features(qwen2_folder, tokenizer, extra_layers):
+    """LLaDA = the source's blocks + one shift block (+ identity blocks): its logits at i are Dream's at i-1."""
     dream = train.build_model("dream", namespace(qwen2_folder), tokenizer).eval()
-    llada = train.build_model("llada", namespace(qwen2_folder, extra_layers=1), tokenizer).eval()
+    llada = train.build_model("llada", namespace(qwen2_folder, extra_layers=extra_layers), tokenizer).eval()
     problem = dev_split(1)[0]
     ids = torch.tensor([tokenizer(problem.prompt + problem.completion).input_ids])
     ids[0, -12::2] = tokenizer.mask_token_id  # masked positions, as in decoding
