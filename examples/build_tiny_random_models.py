@@ -1,15 +1,15 @@
 """Build the tiny random models shipped in model_cards/ (tiny-random-llada, tiny-random-dream).
 
 Their weights are the golden-vector checkpoints of tests/fixtures/golden (random, 512-token vocabulary: mask 500,
-EOS/pad 501, EoT 502, BOS 503), saved through the library so that each folder is a complete Hugging Face model:
-safetensors weights, config.json with auto_map, generation_config.json, the modeling code, and a byte-level BPE
-tokenizer trained here with `tokenizers` on a small built-in corpus (ids 0-499) plus the special tokens.
+EOS/pad 501, EoT 502, BOS 503), saved through the library so that each folder is a complete Hugging Face model for
+use with this package installed: safetensors weights, config.json (with the auto_map a pushed copy carries),
+generation_config.json, and a byte-level BPE tokenizer trained here with `tokenizers` on a small built-in corpus
+(ids 0-499) plus the special tokens. No copies of the library's code: `import dlm_generation` registers the
+classes that load the folders (`save_pretrained` / `push_to_hub` of a loaded model still write the code).
 
 They produce gibberish (the weights are random): they exist to run the API offline in seconds. Usage:
 
     python examples/build_tiny_random_models.py            # rewrites model_cards/tiny-random-*
-
-It also refreshes the code files of the trained models (model_cards/tiny-{llada,dream}-chain-arith).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import dlm_generation  # noqa: F401  (registers the model types)
+from dlm_generation.hub import save_without_code
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "fixtures" / "golden"
@@ -84,7 +85,7 @@ gibberish: it exists to run and test the dlm-generation API offline in seconds. 
 `examples/build_tiny_random_models.py`; not trained.
 
 ```python
-import dlm_generation  # or: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) without it
+import dlm_generation  # registers LLaDA and Dream with the Auto classes (the folder holds no code)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("model_cards/tiny-random-{family}")
 tokenizer = AutoTokenizer.from_pretrained("model_cards/tiny-random-{family}")
@@ -103,24 +104,11 @@ def main() -> None:
         if family == "dream":  # the golden config mirrors Dream-7B's (alg "origin", 512 steps); ship a greedy one
             model.generation_config.alg = "entropy"
             model.generation_config.steps = None
-        model.save_pretrained(folder)
+        save_without_code(model, folder)
         tokenizer.save_pretrained(folder)
         arch = "LLaDA (LLaMA-style blocks)" if family == "llada" else "Dream (Qwen2 layout, shifted logits)"
         (folder / "README.md").write_text(CARD.format(family=family, params=model.num_parameters(), arch=arch))
         print(f"wrote {folder}")
-    refresh_trained_model_code()
-
-
-def refresh_trained_model_code() -> None:
-    """Re-save the trained chain-arith diffusion models in place, so their code files match the library's.
-
-    Weights, config.json and generation_config.json are written back unchanged; tokenizer files and cards stay.
-    """
-    for family in ("llada", "dream"):
-        folder = CARDS / f"tiny-{family}-chain-arith"
-        if (folder / "config.json").exists():
-            AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)
-            print(f"refreshed the code files of {folder}")
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def card(name: str, info: dict, reports: list[dict]) -> str:
              "out = model.diffusion_generate(ids, max_new_tokens=64)  # the shipped generation_config.json\n")
     load += "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"
     if not is_ar:
-        load = "import dlm_generation  # registers the architecture (or pass trust_remote_code=True)\n" + load
+        load = "import dlm_generation  # registers the architecture (this folder holds no code)\n" + load
     curve_lines = "\n".join(
         f"| {c['step']} | {c['train_minutes']:.0f} | {'-' if c['loss'] is None else format(c['loss'], '.4f')} | "
         f"{100 * c['dev_accuracy']:.1f}% | {evaluation(c, is_ar)} |" for c in curve

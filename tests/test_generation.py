@@ -19,6 +19,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 import dlm_generation
+from dlm_generation.hub import save_without_code
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 FAMILIES = ["llada", "dream"]
@@ -229,15 +230,28 @@ def test_stop_strings_need_tokenizer(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["random", "chain-arith"])
-def test_shipped_model_code_is_current(family, kind):
-    """The code files in model_cards/ are the library's (rebuild with examples/build_tiny_random_models.py, which
-    also refreshes the trained chain-arith models' code in place)."""
-    src = Path(dlm_generation.__file__).parent
+def test_shipped_folders_hold_no_code_and_load_with_the_package(family, kind, tmp_path):
+    """model_cards/ folders carry weights, configs and tokenizer only; the registered Auto classes load them, and
+    save_pretrained of the loaded model still writes the code a pushed copy needs (tests/test_remote_code.py runs it
+    without the package)."""
     folder = CARDS / (f"tiny-random-{family}" if kind == "random" else f"tiny-{family}-chain-arith")
-    shipped = sorted(folder.glob("*.py"))
-    assert len(shipped) == 7
-    for path in shipped:
-        assert path.read_text() == (src / path.name).read_text(), f"{path} is stale"
+    assert not list(folder.glob("*.py"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is {"llada": dlm_generation.LLaDAModelLM, "dream": dlm_generation.DreamModel}[family]
+    model.save_pretrained(tmp_path)
+    written = {path.name for path in tmp_path.glob("*.py")}
+    assert f"modeling_{family}.py" in written and "generation_utils.py" in written, written
+
+
+def test_save_without_code_writes_a_folder_that_loads_with_the_package(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "tiny-random-llada")
+    save_without_code(model, tmp_path)
+    assert not list(tmp_path.glob("*.py"))
+    assert dlm_generation.LLaDAModelLM._auto_class == "AutoModelForCausalLM"  # the registration is restored
+    assert dlm_generation.LLaDAConfig._auto_class == "AutoConfig"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_model_built_from_config_saves_its_generation_config(tmp_path):
