@@ -86,6 +86,24 @@ def test_diffusion_model_solves_problems(tokenizer, family, folder, cls):
     assert fast.calls[0]["nfe"] < 64 / 2
 
 
+def test_calibration_counts_every_committed_token(tokenizer):
+    """The reliability report covers each committed token up to the first EOS once, and a completion that equals
+    the reference contributes only correct tokens."""
+    model = AutoModelForCausalLM.from_pretrained(LLADA)
+    settings = {**benchmark.BASE_CONFIG, "steps": 64, "block_length": 32, "alg": "low_confidence", "threshold": 0.9}
+    report = benchmark.calibration(model, tokenizer, PROBLEMS, 64, 8, settings)
+    result = benchmark.solve(model, tokenizer, PROBLEMS, 64, 8, settings)
+    tokens = sum(result.calls[0]["tokens"])
+    assert report["tokens"] == sum(b["count"] for b in report["bins"]) == tokens
+    correct = sum(b["count"] * b["accuracy"] for b in report["bins"] if b["count"])
+    assert round(correct) == round(report["token_accuracy"] * tokens)
+    exact = sum(len(tokenizer(p.completion, add_special_tokens=False).input_ids) + 1
+                for c, p in zip(result.completions, PROBLEMS) if c == p.completion)
+    assert exact > 0 and correct >= exact
+    assert all(b["low"] <= b["mean_confidence"] <= b["high"] for b in report["bins"] if b["count"])
+    assert 0.0 <= report["ece"] <= 1.0
+
+
 def test_benchmark_end_to_end(tmp_path, capsys):
     json_path, png_path = tmp_path / "report.json", tmp_path / "plot.png"
     code = benchmark.main([

@@ -91,8 +91,8 @@ def rx(text):
 # ====================================================================================================================
 POSITIVE_INT_FIELDS = ("steps", "block_length", "max_new_tokens", "max_length", "top_k", "num_return_sequences")
 NON_NEGATIVE_FIELDS = ("temperature", "alg_temp", "cfg_scale")
-BOOLEAN_FIELDS = ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history", "do_sample",
-                  "return_dict_in_generate")
+BOOLEAN_FIELDS = ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history", "output_confidences",
+                  "do_sample", "return_dict_in_generate")
 TOKEN_ID_FIELDS = ("mask_token_id", "eot_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 
 

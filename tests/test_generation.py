@@ -58,6 +58,42 @@ def test_output_fields(model):
     assert torch.equal(plain, out.sequences)
 
 
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_output_confidences_are_the_committed_tokens_probabilities(model, threshold):
+    """Each generated position reports the probability its token had at the step it was committed (recomputed here
+    from the canvas before that step), in the model's own logit alignment (Dream reads position i at i - 1)."""
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=16, block_length=8, alg="low_confidence",
+                                   threshold=threshold, output_history=True, output_confidences=True,
+                                   return_dict_in_generate=True)
+    assert out.confidences.shape == (1, 16) and out.confidences.dtype == torch.float32
+    assert not out.confidences.isnan().any()
+    previous = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    checked = 0
+    for canvas in out.history:
+        logits = model(previous).logits
+        if model.diffusion_logits_shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+        probs = logits.float().softmax(-1)
+        for position in (canvas[0] != previous[0]).nonzero().flatten().tolist():
+            expected = probs[0, position, canvas[0, position]]
+            assert torch.isclose(out.confidences[0, position - 10], expected, atol=1e-5), position
+            checked += 1
+        previous = canvas
+    assert checked == 16
+    if threshold is not None:
+        assert out.nfe < 16  # several tokens per step, each with its own confidence
+
+
+def test_output_confidences_are_nan_where_a_stop_filled_padding(model):
+    batch = torch.cat([PROMPT, torch.tensor([[204, 404, 14, 299, 151, 24, 64, 237, 386, 2]])])
+    out = model.diffusion_generate(batch, max_new_tokens=32, steps=32, block_length=8, eot_token_id=EOT,
+                                   eos_early_stop=True, output_confidences=True, return_dict_in_generate=True)
+    padded = (out.confidences.isnan())
+    assert padded.any(), "a row stopped early on these prompts"
+    assert (out.sequences[:, 10:][padded] == EOS).all()
+    assert not model.diffusion_generate(PROMPT, max_new_tokens=8, return_dict_in_generate=True).confidences
+
+
 def test_left_padded_row_equals_row_alone(model):
     """Left padding with an attention mask gives each row the result it gets alone (LLaDA's original ignored masks)."""
     short = torch.tensor([[271, 68, 306, 195, 186, 232, 56]])

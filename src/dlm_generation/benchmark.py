@@ -216,6 +216,48 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
     return Pass(completions, calls, seconds)
 
 
+def calibration(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, batch_size: int,
+                settings: dict, bins: int = 10) -> dict:
+    """How well the confidences of committed tokens predict that they are right (a reliability diagram).
+
+    Decodes `problems` with `settings` (a confidence-based `alg`, e.g. ``low_confidence`` with a threshold, whose
+    scores are probabilities) and takes every committed position up to and including the row's first EOS. A
+    position is correct when its token equals the reference's at that position (the tokenized completion, then
+    EOS padding). Returns per equal-width confidence bin the token count, mean confidence and share correct, the
+    expected calibration error (count-weighted mean |confidence - share correct|), and the totals.
+    """
+    device = next(model.parameters()).device
+    confidence_all, correct_all = [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        inputs = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+        out = model.diffusion_generate(inputs.input_ids, attention_mask=inputs.attention_mask,
+                                       max_new_tokens=gen_length, return_dict_in_generate=True,
+                                       output_confidences=True, **settings)
+        generated = out.sequences[:, inputs.input_ids.shape[1]:].cpu()
+        reference = torch.full_like(generated, tokenizer.eos_token_id)
+        for row, problem in enumerate(chunk):
+            ids = tokenizer(problem.completion, add_special_tokens=False).input_ids[:gen_length]
+            reference[row, : len(ids)] = torch.tensor(ids)
+        lengths = generated_lengths(generated, tokenizer.eos_token_id)
+        scored = (torch.arange(gen_length)[None] < lengths[:, None]) & ~out.confidences.cpu().isnan()
+        confidence_all.append(out.confidences.cpu()[scored])
+        correct_all.append((generated == reference)[scored])
+    confidence, correct = torch.cat(confidence_all).double(), torch.cat(correct_all).double()
+    index = (confidence * bins).long().clamp(0, bins - 1)
+    table = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        table.append({"low": b / bins, "high": (b + 1) / bins, "count": count,
+                      "mean_confidence": float(confidence[members].mean()) if count else None,
+                      "accuracy": float(correct[members].mean()) if count else None})
+    ece = sum(row["count"] * abs(row["mean_confidence"] - row["accuracy"]) for row in table if row["count"])
+    return {"settings": settings, "gen_length": gen_length, "problems": len(problems), "tokens": len(confidence),
+            "token_accuracy": float(correct.mean()) if len(correct) else None,
+            "ece": ece / max(1, len(confidence)), "bins": table}
+
+
 @dataclass
 class Candidate:
     """A configuration being measured: how to run it, and what its passes gave."""

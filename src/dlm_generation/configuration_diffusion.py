@@ -41,6 +41,7 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "mask_token_id": None,
     "eos_early_stop": False,
     "output_history": False,
+    "output_confidences": False,
 }
 # Fields of the parent class that the diffusion loop reads, with their library defaults.
 SHARED_DEFAULTS: dict[str, Any] = {
@@ -139,6 +140,8 @@ class DiffusionGenerationConfig(GenerationConfig):
     - `eos_early_stop` (bool): a row stops as soon as every position before its first stop token is committed;
       what follows that token becomes `pad_token_id`. Lossless for the text up to the stop token.
     - `output_history` (bool): return the canvas after every step as `history`.
+    - `output_confidences` (bool): return, per generated position, the confidence it was committed with as
+      `confidences` (see `DiffusionGenerateOutput`).
 
     Shared with `GenerationConfig` and read by the loop: `max_new_tokens` (canvas length), `max_length`,
     `temperature` (0 = greedy), `top_p`, `top_k`, `do_sample` (False forces greedy), `num_return_sequences`,
@@ -186,7 +189,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             positive_int(name)
         for name in ("temperature", "alg_temp", "cfg_scale"):
             non_negative(name)
-        for name in ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history", "do_sample",
+        for name in ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history",
+                     "output_confidences", "do_sample",
                      "return_dict_in_generate"):
             boolean(name)
         for name in ("mask_token_id", "eot_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):

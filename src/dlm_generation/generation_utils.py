@@ -48,12 +48,17 @@ class DiffusionGenerateOutput(ModelOutput):
             counts once.
         tokens_per_forward: (batch,) generated tokens up to and including the first stop token, divided by `nfe`.
         history: with `output_history=True`, the canvas after every step (list of (batch, length) tensors).
+        confidences: with `output_confidences=True`, (batch, max_new_tokens) float32: for every generated position
+            the score its token was committed with, at the step it was committed (for `alg="low_confidence"` the
+            model's probability of that token, so confidences can be checked against correctness); NaN where
+            nothing was committed (positions a stop filled with padding).
     """
 
     sequences: torch.LongTensor | None = None
     nfe: int | None = None
     tokens_per_forward: torch.Tensor | None = None
     history: list[torch.LongTensor] | None = None
+    confidences: torch.FloatTensor | None = None
 
 
 class DiffusionGenerationMixin(GenerationMixin):
@@ -87,7 +92,8 @@ class DiffusionGenerationMixin(GenerationMixin):
            4.3 propose a token and a confidence at every position;
            4.4 choose the positions to commit (schedule count + policy) and commit them;
            4.5 finish rows: `eos_early_stop`, `stop_strings`, stopping criteria.
-        5. Return `sequences` (and `nfe`, `tokens_per_forward`, `history` with `return_dict_in_generate=True`).
+        5. Return `sequences` (and `nfe`, `tokens_per_forward`, `history`, `confidences` with
+           `return_dict_in_generate=True`).
 
         Args:
             inputs / input_ids: (batch, prompt_len) prompt ids; batches are left-padded.
@@ -147,6 +153,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         excluded_ids = stop_ids if config.confidence_eos_eot_inf and stop_ids.numel() else None
         finished = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         history = [] if config.output_history else None
+        confidences = canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32) if config.output_confidences else None
         nfe = 0
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -205,6 +212,9 @@ class DiffusionGenerationMixin(GenerationMixin):
                 )
                 commit = strategies.policy.select(confidence, eligible, ctx)
                 canvas[:, window_start:block_end] = torch.where(commit, proposal.tokens, window)
+                if confidences is not None:
+                    seen = confidences[:, window_start:block_end]
+                    confidences[:, window_start:block_end] = torch.where(commit, proposal.confidence.float(), seen)
                 cache.end_step()
                 step += 1
                 # 4.5 finished rows
@@ -227,6 +237,7 @@ class DiffusionGenerationMixin(GenerationMixin):
             nfe=nfe,
             tokens_per_forward=self._generated_lengths(canvas, prompt_len, stop_ids) / max(nfe, 1),
             history=history,
+            confidences=None if confidences is None else confidences[:, prompt_len:],
         )
 
     def generate(self, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None,
