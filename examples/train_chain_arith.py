@@ -12,16 +12,19 @@ Three kinds, one script:
   parameter names; folder or run checkpoint) plus ``--extra-layers`` blocks on top, initialised as a one-position
   shift so that the unshifted head starts out reading the source's next-token features (`init_shift_block`).
 
-Masked-diffusion objective (LLaDA's SFT): the prompt is never masked; the completion is followed by EOS padding
-to a canvas of at least ``--canvas`` positions (the rest of the batch's length is EOS too), each canvas position
-is masked with probability t ~ U(eps, 1) (stratified over the batch), and the loss is the cross-entropy on masked
-positions weighted 1/t and divided by the row's canvas length.
+Masked-diffusion objective, on the states decoding visits (`decode_state_mask`): the prompt is never masked; the
+completion is padded with EOS to a canvas drawn log-uniformly from ``--canvas-min`` to ``--canvas-max`` positions
+(the EOS positions are trained targets, as in LLaDA's SFT, so long canvases work); a step holds about
+``--tokens-per-step`` tokens. A share ``--block-prob`` of rows is a semi-autoregressive decode state (clean
+prefix, a partly masked block, fully masked suffix; loss on the block), the rest uniform masking over the canvas.
 
 Resumable: a checkpoint (model, optimizer, step, elapsed time, learning curve) is written to ``--out`` every
 ``--save-minutes`` and when the time budget (``--minutes``) runs out or the process gets SIGTERM; running the
 same command again continues from it. The data order depends only on the step number, so a resumed run sees
 exactly the batches an uninterrupted run would. ``--export FOLDER`` writes the best checkpoint (by dev accuracy
-on the first ``--eval-problems`` dev problems, vanilla decoding) as a complete Hugging Face model folder.
+on the first ``--eval-problems`` dev problems at ``--eval-gen-length`` / ``--eval-block-length``: greedy for the AR
+model; for diffusion models the worse of vanilla and threshold-0.9 decoding, both with the lossless early stop) as
+a Hugging Face model folder without code files (load it with the package installed).
 
     python examples/train_chain_arith.py --kind ar --out runs/ar --minutes 60          # train (resumes)
     python examples/train_chain_arith.py --kind ar --out runs/ar --export model_cards/tiny-ar-chain-arith
@@ -47,14 +50,15 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from dlm_generation import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 from dlm_generation.benchmark import BASE_CONFIG, solve
+from dlm_generation.hub import save_without_code
 from dlm_generation.tasks.chain_arith import accuracy, dev_split, train_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "model_cards" / "tiny-chain-arith-tokenizer"
 POOL_BATCHES = 16  # batches drawn together and bucketed by length (less padding)
 # Arguments that define a run's data and model; resuming with other values is refused.
-RUN_DEFINING = ("kind", "batch_size", "canvas", "seed", "hidden", "layers", "heads", "ffn", "qkv_bias", "init_from",
-                "extra_layers")
+RUN_DEFINING = ("kind", "batch_size", "tokens_per_step", "canvas_min", "canvas_max", "block_prob", "seed", "hidden",
+                "layers", "heads", "ffn", "qkv_bias", "init_from", "extra_layers")
 
 
 def model_config(kind: str, args: argparse.Namespace, tokenizer) -> object:
@@ -100,14 +104,15 @@ def source_state_dict(source: Path) -> dict[str, torch.Tensor]:
 
 
 def load_ar_weights(model: torch.nn.Module, kind: str, source: Path, tokenizer) -> None:
-    """Copy a Qwen2 AR model (or a Dream model, same names) into `model`: same names for Dream, renamed for LLaDA.
+    """Copy a Qwen2 AR model (or a Dream model, same names) into `model`: same names for Dream, renamed for LLaDA
+    (a LLaDA source loads as it is, to continue training an earlier LLaDA).
 
     The first LLaDA block beyond the source's depth (``--extra-layers``) starts as a one-position shift (see
     `init_shift_block`), so that the unshifted LLaDA head reads at position i what the source's head read at i-1;
     further extra blocks start as the identity (zero output projections).
     """
     ar = source_state_dict(source)
-    if kind == "llada":
+    if kind == "llada" and not any(name.startswith("model.transformer.") for name in ar):  # Qwen2/Dream names
         renames = {"model.embed_tokens": "model.transformer.wte", "model.norm": "model.transformer.ln_f",
                    "lm_head": "model.transformer.ff_out"}
         layer = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
@@ -224,39 +229,108 @@ def ar_loss(model, problems, tokenizer) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, step: int, eps: float = 1e-3) -> torch.Tensor:
+BLOCK_LENGTHS = (8, 16, 32, 64)  # block sizes of the decode-state masks, drawn with BLOCK_WEIGHTS
+BLOCK_WEIGHTS = (2, 1, 3, 1)
+PROBLEMS_PER_STEP = 256  # problem indices reserved per step (a step uses as many as its canvas length allows)
+PAD_WEIGHT = 16.0  # in whole-canvas masks, the EOS padding after the first EOS weighs as much as 16 tokens in all
+
+
+def diffusion_batch(step: int, args: argparse.Namespace) -> tuple[list, int]:
+    """The problems and canvas length of diffusion training step `step` (deterministic in the step).
+
+    The canvas (completion + EOS padding) is drawn log-uniformly from [--canvas-min, --canvas-max] (a multiple of
+    8), and the number of rows keeps about --tokens-per-step tokens per step, so long canvases get few rows.
+    """
+    rng = random.Random(args.seed * 10**7 + step)
+    canvas = 8 * round(math.exp(rng.uniform(math.log(args.canvas_min), math.log(args.canvas_max))) / 8)
+    rows = max(2, min(PROBLEMS_PER_STEP, args.tokens_per_step // (canvas + 40)))
+    return train_problems(step * PROBLEMS_PER_STEP, step * PROBLEMS_PER_STEP + rows), canvas
+
+
+def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: float) -> tuple[list[bool], list[float]]:
+    """Which canvas positions are masked, and the loss weight of each, for one training row.
+
+    With probability `block_prob` a *decode state* of semi-autoregressive decoding: a block length and a block are
+    drawn (any block up to the one after the block holding the first EOS); everything before the block is clean,
+    everything after it masked, and inside it either a clean left part (what left-to-right-ish decoding leaves)
+    or a random subset is masked; only the block's masked positions carry loss. Otherwise LLaDA's uniform masking
+    over the whole canvas (ratio t ~ U(0, 1]); the EOS padding after the first EOS (positions >= `answer`)
+    then carries PAD_WEIGHT in all, so long canvases do not drown the answer in EOS targets.
+    """
+    if rng.random() < block_prob:
+        block = rng.choices(BLOCK_LENGTHS, BLOCK_WEIGHTS)[0]
+        last = min((canvas - 1) // block, (answer - 1) // block + 1)
+        start = block * rng.randint(0, last)
+        stop = min(canvas, start + block)
+        size = stop - start
+        if rng.random() < 0.5:
+            clean = rng.randint(0, size - 1)
+            inside = [i >= clean for i in range(size)]
+        else:
+            chosen = set(rng.sample(range(size), rng.randint(1, size)))
+            inside = [i in chosen for i in range(size)]
+        masked = [False] * start + inside + [True] * (canvas - stop)
+        weights = [0.0] * start + [1.0] * size + [0.0] * (canvas - stop)
+        return masked, weights
+    t = rng.uniform(1e-3, 1.0)
+    masked = [rng.random() < t for _ in range(canvas)]
+    if not any(masked):
+        masked[rng.randrange(canvas)] = True
+    pad = canvas - answer
+    weights = [1.0] * answer + [min(1.0, PAD_WEIGHT / pad) if pad else 0.0] * pad
+    return masked, weights
+
+
+def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, seed: int, block_prob: float) -> torch.Tensor:
+    """Masked-diffusion loss on the states decoding visits (see `decode_state_mask`); the mean over rows of each
+    row's weighted mean cross-entropy on its masked positions. Dream is shifted: the logits at i-1 predict i."""
     prompts, completions = encode(problems, tokenizer)
-    length = max(len(p) + max(len(c), canvas) for p, c in zip(prompts, completions))
+    canvas = max(canvas, max(len(c) for c in completions))
+    length = max(len(p) for p in prompts) + canvas
     batch = len(problems)
     clean = torch.full((batch, length), tokenizer.eos_token_id)
-    in_canvas = torch.zeros(batch, length, dtype=torch.bool)
+    masked = torch.zeros(batch, length, dtype=torch.bool)
+    weights = torch.zeros(batch, length)
+    rng = random.Random(seed)
     for row, (p, c) in enumerate(zip(prompts, completions)):
         clean[row, : len(p) + len(c)] = torch.tensor(p + c)
-        in_canvas[row, len(p) :] = True
-    generator = torch.Generator().manual_seed(step)
-    # Stratified noise levels: one t per row, spread evenly over (eps, 1).
-    u = (torch.rand((), generator=generator) + torch.arange(batch) / batch) % 1.0
-    t = eps + (1 - eps) * u[torch.randperm(batch, generator=generator)]
-    masked = (torch.rand(batch, length, generator=generator) < t[:, None]) & in_canvas
+        row_canvas = length - len(p)  # shorter prompts get a longer canvas (the batch shares one length)
+        row_masked, row_weights = decode_state_mask(rng, len(c), row_canvas, block_prob)
+        masked[row, len(p):] = torch.tensor(row_masked)
+        weights[row, len(p):] = torch.tensor(row_weights)
     noisy = torch.where(masked, tokenizer.mask_token_id, clean)
     logits = model(input_ids=noisy).logits
     if kind == "dream":  # shifted: position i-1 predicts token i
-        logits, clean, masked = logits[:, :-1], clean[:, 1:], masked[:, 1:]
+        logits, clean, masked, weights = logits[:, :-1], clean[:, 1:], masked[:, 1:], weights[:, 1:]
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1), reduction="none")
-    token_loss = token_loss.view(batch, -1) * masked
-    weights = 1.0 / (t * in_canvas.sum(1))
-    return (token_loss.sum(1) * weights).mean()
+    weights = weights * masked
+    row_loss = (token_loss.view(batch, -1) * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+    return row_loss[weights.sum(1) > 0].mean()
 
 
 # ----------------------------------------------------------------------------------------------------------- eval
+# How training evaluates diffusion models: vanilla (one token per step) and Fast-dLLM threshold 0.9, both with the
+# lossless early stop (the text up to the first EOS is what a run without it writes, in fewer forwards).
+EVAL_DECODINGS = {"vanilla": {"eos_early_stop": True},
+                  "threshold": {"alg": "low_confidence", "threshold": 0.9, "eos_early_stop": True}}
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, kind: str, problems, gen_length: int, block_length: int, batch_size: int = 50):
-    """Dev accuracy with vanilla decoding: greedy AR generate, or one token per step for diffusion models."""
+def evaluate(model, tokenizer, kind: str, problems, gen_length: int, block_length: int,
+             batch_size: int = 50) -> dict[str, float]:
+    """Dev accuracy per decoding: greedy AR generate, or each of EVAL_DECODINGS for diffusion models."""
     model.eval()
-    settings = {**BASE_CONFIG, "steps": gen_length, "block_length": block_length}
-    completions = solve(model, tokenizer, problems, gen_length, batch_size, settings, autoregressive=kind == "ar").completions
+    results = {}
+    if kind == "ar":
+        completions = solve(model, tokenizer, problems, gen_length, batch_size, autoregressive=True).completions
+        results["vanilla"] = accuracy(completions, problems)
+    else:
+        for name, extra in EVAL_DECODINGS.items():
+            settings = {**BASE_CONFIG, "steps": gen_length, "block_length": block_length, **extra}
+            completions = solve(model, tokenizer, problems, gen_length, batch_size, settings).completions
+            results[name] = accuracy(completions, problems)
     model.train()
-    return accuracy(completions, problems)
+    return results
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -277,15 +351,41 @@ RECOMMENDED = {
 }
 
 
-def export(model, tokenizer, kind: str, folder: Path, state: dict) -> None:
+def source_log(run: Path, init_from: str | None) -> dict | None:
+    """The training log of the model folder a run was initialised from, without its curve (for a card's lineage:
+    the training time of every model the weights came from). Read once and kept in the run folder, because an
+    export may overwrite that folder."""
+    kept = run / "source_log.json"
+    if not kept.exists():
+        log = folder_log(init_from)
+        if log is None:
+            return None
+        kept.write_text(json.dumps(log, indent=1) + "\n")
+    return json.loads(kept.read_text())
+
+
+def folder_log(folder: str | None) -> dict | None:
+    """A model folder's training log without its curve, with the logs of the folders it came from nested in
+    "initialised_from" (read from those folders when the log predates that field)."""
+    log_path = Path(folder) / "training_log.json" if folder else None
+    if log_path is None or not log_path.exists():
+        return None
+    log = {k: v for k, v in json.loads(log_path.read_text()).items() if k != "curve"}
+    if "initialised_from" not in log:
+        log["initialised_from"] = folder_log(log["args"].get("init_from"))
+    return {"model": Path(folder).name, **log}
+
+
+def export(model, tokenizer, kind: str, folder: Path, state: dict, source: dict | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.generation_config.update(**RECOMMENDED[kind])
     model.generation_config._from_model_config = False  # a chosen configuration, not derived from config.json
-    model.save_pretrained(folder)
+    save_without_code(model, folder)  # the folder is loaded with the package installed
     tokenizer.save_pretrained(folder)
     summary = {k: state.get(k) for k in ("step", "train_seconds", "best_accuracy", "best_step", "best_metric", "curve",
                                           "invocations")}
     summary["args"] = state["args"]  # what defines the run (model, data); per-invocation settings in "invocations"
+    summary["initialised_from"] = source  # the source model's own log (and so on down its lineage)
     (folder / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"exported step {state['best_step']} (dev accuracy {state['best_accuracy']:.3f}) to {folder}")
 
@@ -310,10 +410,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra-layers", type=int, default=0,
                         help="LLaDA only: blocks on top of --layers, initialised as a one-position shift (with"
                              " --init-from)")
-    parser.add_argument("--canvas", type=int, default=64, help="min completion canvas (EOS-padded), diffusion")
+    parser.add_argument("--tokens-per-step", type=int, default=6144,
+                        help="diffusion: tokens per training step (rows = this / canvas length)")
+    parser.add_argument("--canvas-min", type=int, default=64, help="diffusion: shortest EOS-padded canvas")
+    parser.add_argument("--canvas-max", type=int, default=1024, help="diffusion: longest EOS-padded canvas")
+    parser.add_argument("--block-prob", type=float, default=0.75,
+                        help="diffusion: share of rows masked as a semi-AR decode state (the rest: uniform masks)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-problems", type=int, default=200)
-    parser.add_argument("--eval-block-length", type=int, default=8)
+    parser.add_argument("--eval-gen-length", type=int, default=256)
+    parser.add_argument("--eval-block-length", type=int, default=32)
+    parser.add_argument("--skip-initial-eval", action="store_true",
+                        help="with --init-from: do not evaluate the initial weights (long evaluations are slow)")
     parser.add_argument("--save-minutes", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -325,9 +433,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--init-from applies to diffusion models (dream, llada)")
     if args.extra_layers and args.kind != "llada":
         parser.error("--extra-layers applies to --kind llada only")
-    if args.canvas % args.eval_block_length:
-        parser.error(f"--canvas {args.canvas} (the evaluation's generation length) must be a multiple of"
+    if args.eval_gen_length % args.eval_block_length:
+        parser.error(f"--eval-gen-length {args.eval_gen_length} must be a multiple of"
                      f" --eval-block-length {args.eval_block_length}")
+    if not 8 <= args.canvas_min <= args.canvas_max:
+        parser.error(f"need 8 <= --canvas-min <= --canvas-max, got {args.canvas_min} and {args.canvas_max}")
     if args.kind == "llada" and args.init_from and not args.qkv_bias:
         parser.error("initialising LLaDA from a Qwen2 AR model needs --qkv-bias (Qwen2 has q/k/v biases)")
 
@@ -337,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_path, best_path = args.out / "checkpoint.pt", args.out / "best.pt"
 
     model = build_model(args.kind, args, tokenizer, fresh=not checkpoint_path.exists())
+    source_log(args.out, args.init_from)  # keep the source's log before an export can overwrite its folder
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
@@ -359,8 +470,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"resumed from step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)")
 
     # Best-checkpoint selection compares like with like: a changed evaluation starts the selection afresh.
-    metric = {"problems": args.eval_problems, "gen_length": args.canvas, "block_length": args.eval_block_length,
-              "decoding": {k: v for k, v in BASE_CONFIG.items() if v is not None}}
+    metric = {"problems": args.eval_problems, "gen_length": args.eval_gen_length,
+              "block_length": args.eval_block_length,
+              "decoding": {k: v for k, v in BASE_CONFIG.items() if v is not None},
+              "selection": "greedy" if args.kind == "ar" else {"min over": EVAL_DECODINGS}}
     if not args.export and state.get("best_metric") != metric:
         if state["best_step"] >= 0:
             print(f"evaluation changed from {state.get('best_metric')} to {metric}: best checkpoint selection restarts")
@@ -370,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         if not best_path.exists():
             sys.exit(f"no best checkpoint in {args.out}: train first")
         model.load_state_dict(torch.load(best_path, weights_only=True))
-        export(model, tokenizer, args.kind, args.export, state)
+        export(model, tokenizer, args.kind, args.export, state, source_log(args.out, args.init_from))
         return
 
     def save() -> None:
@@ -389,31 +502,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     def checkpoint_if_best() -> None:
         """Evaluate on the first dev problems; keep the weights in best.pt when they are the best so far."""
-        accuracy = evaluate(model, tokenizer, args.kind, dev, args.canvas, args.eval_block_length)
+        results = evaluate(model, tokenizer, args.kind, dev, args.eval_gen_length, args.eval_block_length)
+        score = min(results.values())  # the selection score: the worst of the evaluated decodings
         loss = None if running is None else round(running, 5)
         state["curve"].append({"step": state["step"], "train_minutes": round(state["train_seconds"] / 60, 2),
-                               "loss": loss, "dev_accuracy": accuracy, "eval": metric})
-        print(f"\nstep {state['step']}: loss {loss}, dev accuracy {accuracy:.3f} "
+                               "loss": loss, "dev_accuracy": results["vanilla"], "dev_accuracies": results,
+                               "eval": metric})
+        print(f"\nstep {state['step']}: loss {loss}, dev accuracy {results} "
               f"({state['train_seconds'] / 60:.1f} min)", flush=True)
-        if accuracy > state["best_accuracy"]:
-            state["best_accuracy"], state["best_step"] = accuracy, state["step"]
+        if score > state["best_accuracy"]:
+            state["best_accuracy"], state["best_step"] = score, state["step"]
             torch.save(model.state_dict(), best_path.with_suffix(".tmp"))
             best_path.with_suffix(".tmp").replace(best_path)
 
     running = state["running"]
-    if state["step"] == 0 and args.init_from:  # where the initialisation starts from
+    if state["step"] == 0 and args.init_from and not args.skip_initial_eval:  # where the initialisation starts
         checkpoint_if_best()
     model.train()
     bar = tqdm(total=args.steps, initial=state["step"], desc=args.kind, mininterval=20, file=sys.stdout)
     while state["step"] < args.steps and not stop["now"] and time.time() - started < args.minutes * 60:
         step_start = time.time()
-        problems = batch_problems(state["step"], args.batch_size)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state["step"], args)
         if args.kind == "ar":
-            loss = ar_loss(model, problems, tokenizer)
+            loss = ar_loss(model, batch_problems(state["step"], args.batch_size), tokenizer)
         else:
-            loss = mdm_loss(model, problems, tokenizer, args.kind, args.canvas, args.seed * 10**7 + state["step"])
+            problems, canvas = diffusion_batch(state["step"], args)
+            loss = mdm_loss(model, problems, tokenizer, args.kind, canvas, args.seed * 10**7 + state["step"],
+                            args.block_prob)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

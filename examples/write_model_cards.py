@@ -22,32 +22,35 @@ BENCHMARKS = ROOT / "benchmarks"
 REPORTS = {"llada": ["llada_cpu.json", "llada_cpu_256.json"], "dream": ["dream_cpu.json"],
            "ar": ["llada_cpu.json", "llada_cpu_256.json"]}
 
+DECODE_STATES = (
+    "the masked-diffusion loss on the states that semi-autoregressive decoding visits: each completion is padded "
+    "with EOS to a canvas drawn log-uniformly from 64 to 1024 positions (EOS positions are trained targets, as in "
+    "LLaDA's SFT), the prompt is never masked, and three rows in four are a *decode state* (a block length of "
+    "8/16/32/64 and a block up to the one after the first EOS; everything before the block clean, everything after it "
+    "masked, inside it a clean left part or a random subset masked; loss on the block's masked positions), the "
+    "fourth uniformly masked over the whole canvas (ratio t ~ U(0, 1); the EOS padding weighted as 16 tokens in all)"
+)
+
 MODELS = {
     "tiny-llada-chain-arith": dict(
         arch="LLaDA architecture (`LLaDAModelLM`, bidirectional Llama-style blocks, unshifted logits)",
-        objective=(
-            "LLaDA's SFT masked-diffusion objective: the prompt is never masked; the completion plus EOS padding "
-            "(a canvas of at least 64 positions) is masked with probability t ~ U(0.001, 1) per row, and the loss is "
-            "the cross-entropy on masked positions weighted 1/t, divided by the canvas length"
-        ),
+        objective=DECODE_STATES + "; LLaDA's logits are unshifted (position i predicts token i)",
         family="llada",
-        init=("the shipped tiny-dream-chain-arith weights (itself adapted from tiny-ar-chain-arith), renamed to "
-              "LLaDA's parameter names (LLaDA's optional q/k/v biases hold Qwen2's), plus one block on top "
-              "initialised as an exact one-position shift of the residual stream (positional attention to the "
-              "previous position, identity values, MLP off), so that LLaDA's unshifted head starts out reading "
-              "the features Dream's shifted head read; then trained further with LLaDA's own objective"),
-        lineage=["tiny-dream-chain-arith", "tiny-ar-chain-arith"],
+        init=("the first tiny-llada-chain-arith (12 minutes of LLaDA's SFT loss with uniform masks on canvases of "
+              "about 64 positions), which was the first tiny-dream-chain-arith renamed to LLaDA's parameter names "
+              "(LLaDA's optional q/k/v biases hold Qwen2's) plus one block on top initialised as an exact "
+              "one-position shift of the residual stream (positional attention to the previous position, identity "
+              "values, MLP off), so that LLaDA's unshifted head started out reading the features Dream's shifted "
+              "head read"),
     ),
     "tiny-dream-chain-arith": dict(
         arch="Dream architecture (`DreamModel`, bidirectional Qwen2 blocks, logits shifted by one)",
-        objective=(
-            "the shifted masked-diffusion objective: as LLaDA's SFT loss (prompt never masked, masked completion "
-            "tokens weighted 1/t), but the logits at position i-1 predict the masked token at position i, so the "
-            "AR model's next-token head is reused as is"
-        ),
+        objective=DECODE_STATES + "; Dream's logits are shifted (position i-1 predicts token i), so the AR "
+                  "model's next-token head is reused as is",
         family="dream",
-        init="the shipped tiny-ar-chain-arith weights (Dream keeps Qwen2's parameter names, so they load as is)",
-        lineage=["tiny-ar-chain-arith"],
+        init=("the first tiny-dream-chain-arith (108 minutes of the shifted masked-diffusion loss with uniform masks "
+              "on canvases of about 64 positions), itself initialised from tiny-ar-chain-arith (Dream keeps Qwen2's "
+              "parameter names, so the AR weights load as is)"),
     ),
     "tiny-ar-chain-arith": dict(
         arch="causal LM (transformers' `Qwen2ForCausalLM`)",
@@ -75,6 +78,19 @@ def ar_dev_accuracy(folder: Path) -> float:
     return evaluate(model, tokenizer, "ar", list(dev_split()), gen_length=64, block_length=64)
 
 
+def lineage_minutes(log: dict, name: str) -> dict[str, float]:
+    """Training minutes of every model a run's weights came from, nearest first (from the logs recorded at export;
+    an earlier version of the same card is named as such)."""
+    minutes, source = {}, log.get("initialised_from")
+    while source:
+        label = source["model"] if source["model"] != name else f"an earlier {name}"
+        while label in minutes:
+            label += " (earlier)"
+        minutes[label] = source["train_seconds"] / 60
+        source = source.get("initialised_from")
+    return minutes
+
+
 def evaluation(entry: dict, is_ar: bool) -> str:
     """How a learning-curve point was decoded."""
     if is_ar:
@@ -82,22 +98,81 @@ def evaluation(entry: dict, is_ar: bool) -> str:
     metric = entry["eval"]
     decoding = metric["decoding"]
     alg = f", alg {decoding['alg']}" if decoding.get("alg") else ""
-    return f"block {metric['block_length']}, {decoding.get('schedule', 'linear')} schedule{alg}"
+    early = ", early stop" if "selection" in metric and not is_ar else ""
+    return (f"gen {metric['gen_length']}, block {metric['block_length']}, {decoding.get('schedule', 'linear')} "
+            f"schedule{alg}{early}")
 
 
-def plot_curve(curve: list[dict], path: Path, name: str) -> None:
+def curve_points(curve: list[dict], is_ar: bool) -> dict[str, list[tuple[int, float]]]:
+    """(step, accuracy) series of a learning curve, one per decoding and evaluation setting."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for entry in curve:
+        setting = evaluation(entry, is_ar)
+        for decoding, value in (entry.get("dev_accuracies") or {"vanilla": entry["dev_accuracy"]}).items():
+            label = setting if is_ar else f"{decoding} ({setting})"
+            series.setdefault(label, []).append((entry["step"], value))
+    return series
+
+
+def plot_calibration(report: dict, path: Path, name: str) -> None:
+    """Reliability diagram: per confidence bin, the share of committed tokens that were correct."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in report["bins"] if b["count"]]
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=[b["high"] - b["low"] for b in bins],
+           align="edge", alpha=0.7, edgecolor="black", label="share correct")
+    ax.plot([b["mean_confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black",
+            label="(mean confidence, share correct)")
+    ax.set_ylabel("share of committed tokens correct")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{name}: threshold 0.9, gen {report['gen_length']}, block 32\n"
+                 f"{report['tokens']:,} committed tokens of {report['problems']} problems, ECE {report['ece']:.3f}",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    counts.bar([b["low"] for b in bins], [b["count"] for b in bins], width=[b["high"] - b["low"] for b in bins],
+               align="edge", color="gray", edgecolor="black")
+    counts.set_yscale("log")
+    counts.set_ylabel("tokens")
+    counts.set_xlabel("confidence of the committed token")
+    counts.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+ACCURACY_ROWS = {  # examples/evaluate_chain_arith.py rows -> how the card names them
+    "vanilla-b32-g256": "vanilla, block 32, gen 256",
+    "vanilla-b32-g1024": "vanilla, block 32, gen 1024",
+    "threshold-b32-g256": "threshold 0.9, block 32, gen 256",
+    "vanilla-b8-g256": "vanilla, block 8, gen 256",
+    "vanilla-1block-g256": "vanilla, one block, gen 256",
+}
+
+
+def accuracy_table(report: dict) -> str:
+    lines = ["| decoding (early stop on) | problems | accuracy | forwards per batch |", "|---|---|---|---|"]
+    for key, label in ACCURACY_ROWS.items():
+        row = report["rows"].get(key)
+        if row:
+            lines.append(f"| {label} | {row['problems']} | {100 * row['accuracy']:.1f}% | {row['nfe']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_curve(curve: list[dict], path: Path, name: str, is_ar: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    series: dict[str, list[dict]] = {}
-    for entry in curve:
-        series.setdefault(evaluation(entry, "eval" not in entry), []).append(entry)
-    for label, points in series.items():
-        ax.plot([p["step"] for p in points], [100 * p["dev_accuracy"] for p in points], "o-", label=label)
-    ax.set_xlabel("training step (batch 64)")
+    for label, points in curve_points(curve, is_ar).items():
+        ax.plot([step for step, _ in points], [100 * value for _, value in points], "o-", label=label)
+    ax.set_xlabel("training step")
     ax.set_ylabel("dev accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{name}: learning curve")
@@ -127,8 +202,7 @@ def card(name: str, info: dict, reports: list[dict]) -> str:
     params = parameter_count(folder)
     minutes = log["train_seconds"] / 60
     init = f" Initialised from {info['init']}." if args.get("init_from") else " Trained from scratch."
-    earlier = {model: json.loads((CARDS / model / "training_log.json").read_text())["train_seconds"] / 60
-               for model in info.get("lineage", [])}
+    earlier = lineage_minutes(log, name) if args.get("init_from") else {}
     lineage = "".join(f" + {m:.0f} min for {model}" for model, m in earlier.items())
     total = (f" Counting the models it was initialised from: {minutes:.0f} min{lineage} ="
              f" **{minutes + sum(earlier.values()):.0f} minutes** in all." if earlier else "")
@@ -144,6 +218,12 @@ def card(name: str, info: dict, reports: list[dict]) -> str:
     dims = (f"{args['layers'] + args.get('extra_layers', 0)} layers, hidden {args['hidden']}, {args['heads']} heads, MLP {args['ffn']}, "
             f"vocabulary {config.get('vocab_size', config.get('embedding_size'))}")
     is_ar = info["family"] == "ar"
+    if "tokens_per_step" in args:
+        data = (f"{log['step']:,} steps of about {args['tokens_per_step']:,} tokens (a step's rows share one canvas "
+                f"length, so long canvases come in few rows)")
+    else:
+        data = (f"{log['step'] * args['batch_size']:,} sequences ({log['step']} steps of {args['batch_size']}); "
+                "problems bucketed by length in pools of 16 batches")
     load = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("model_cards/{name}")\n'
@@ -158,9 +238,10 @@ def card(name: str, info: dict, reports: list[dict]) -> str:
         load = "import dlm_generation  # registers the architecture (this folder holds no code)\n" + load
     curve_lines = "\n".join(
         f"| {c['step']} | {c['train_minutes']:.0f} | {'-' if c['loss'] is None else format(c['loss'], '.4f')} | "
-        f"{100 * c['dev_accuracy']:.1f}% | {evaluation(c, is_ar)} |" for c in curve
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in (c.get("dev_accuracies") or {"": c["dev_accuracy"]}).items())
+        + f" | {evaluation(c, is_ar)} |" for c in curve
     )
-    plot_curve(curve, folder / "learning_curve.png", name)
+    plot_curve(curve, folder / "learning_curve.png", name, is_ar)
     text = f"""---
 library_name: {"transformers" if is_ar else "dlm-generation"}
 tags: [chain-arith, tiny, {"causal-lm" if is_ar else "diffusion-language-model"}]
@@ -189,8 +270,7 @@ with every digit its own token; `<|pad|>` 0, `<|startoftext|>` 1 (BOS, added by 
 
 - Objective: {info["objective"]}.{init}
 - Data: the chain-arith train stream (`dlm_generation.tasks.train_problems`, seeds 10^9 + i, dev problems
-  excluded), {log["step"] * args["batch_size"]:,} sequences ({log["step"]} steps of {args["batch_size"]}); problems
-  bucketed by length in pools of 16 batches.
+  excluded), {data}.
 - Optimiser: AdamW (betas 0.9/0.98, weight decay 0.1), gradient clipping 1.0, linear warm-up then cosine decay of
   the learning rate; trained in resumable chunks (the schedule horizon was set per chunk):
 {chunks}
@@ -205,6 +285,31 @@ training; also in `training_log.json` and `learning_curve.png`):
 | step | minutes | train loss | dev accuracy | decoding |
 |---|---|---|---|---|
 {curve_lines}
+"""
+    accuracy_path = folder / "accuracy.json"
+    if not is_ar and accuracy_path.exists():
+        accuracy_report = json.loads(accuracy_path.read_text())
+        text += f"""
+## Accuracy
+
+Chain-arith dev (the first {accuracy_report["problems"]} problems unless the table says otherwise), greedy, one
+token per step unless the row commits more, with the lossless `eos_early_stop=True`; measured by
+`python examples/evaluate_chain_arith.py model_cards/{name} --problems {accuracy_report["problems"]} --calibration
+--json model_cards/{name}/accuracy.json` ({accuracy_report["machine"]}):
+
+{accuracy_table(accuracy_report)}
+"""
+        if "calibration" in accuracy_report:
+            plot_calibration(accuracy_report["calibration"], folder / "calibration.png", name)
+            cal = accuracy_report["calibration"]
+            text += f"""
+Calibration of Fast-dLLM threshold 0.9 decoding (block 32, gen 256): every token it committed up to the first
+EOS, binned by the confidence it was committed with, against the share equal to the reference token at that
+position ({cal["tokens"]:,} tokens, {100 * cal["token_accuracy"]:.1f}% correct, expected calibration error
+{cal["ece"]:.3f}). A well calibrated model keeps the bars on the diagonal: what it commits at 0.9 or more is right
+at least 90% of the time, which is what makes threshold decoding safe.
+
+![reliability diagram](calibration.png) ![learning curve](learning_curve.png)
 """
     if is_ar:
         accuracy = ar_dev_accuracy(folder)

@@ -1,0 +1,105 @@
+"""The accuracy table of a chain-arith diffusion model (issue targets: long canvases, parallel decoding).
+
+Every row decodes the first `--problems` dev problems greedily, one token per step (`steps = gen_length`, linear
+schedule) unless the row commits more, with `eos_early_stop=True`: lossless for the scored text (everything up to
+the first EOS is what a run without it writes), and it keeps the long canvases affordable. Rows:
+
+    vanilla-b32-g256     block 32, generation length 256
+    vanilla-b32-g1024    block 32, generation length 1024
+    threshold-b32-g256   Fast-dLLM threshold 0.9 (alg low_confidence), block 32, length 256
+    vanilla-b8-g256      block 8, length 256
+    vanilla-1block-g256  one block (the whole canvas), length 256
+
+`--calibration` adds the reliability table of the committed tokens of the threshold row (confidence bins against
+the share of tokens equal to the reference's; `dlm_generation.benchmark.calibration`), which the model card
+plots. Results go to `--json` after each row; a rerun skips rows already there for the same model and problem count, so
+the long rows can be spread over several invocations.
+
+    python examples/evaluate_chain_arith.py model_cards/tiny-llada-chain-arith --problems 200 \\
+        --json model_cards/tiny-llada-chain-arith/accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dlm_generation  # noqa: F401  (registers the model types)
+from dlm_generation.benchmark import BASE_CONFIG, calibration, solve
+from dlm_generation.tasks import accuracy, dev_split
+
+THRESHOLD = {"alg": "low_confidence", "threshold": 0.9}
+ROWS = {  # name -> (generation length, block length or None for one block, extra settings)
+    "vanilla-b32-g256": (256, 32, {}),
+    "vanilla-b32-g1024": (1024, 32, {}),
+    "threshold-b32-g256": (256, 32, THRESHOLD),
+    "vanilla-b8-g256": (256, 8, {}),
+    "vanilla-1block-g256": (256, None, {}),
+}
+
+
+def row_settings(name: str) -> dict:
+    gen_length, block_length, extra = ROWS[name]
+    return {**BASE_CONFIG, "steps": gen_length, "block_length": block_length or gen_length, "eos_early_stop": True,
+            **extra}
+
+
+def evaluate_row(model, tokenizer, name: str, problems, batch_size: int) -> dict:
+    gen_length, block_length, _ = ROWS[name]
+    settings = row_settings(name)
+    began = time.perf_counter()
+    result = solve(model, tokenizer, problems, gen_length, batch_size, settings)
+    return {"row": name, "gen_length": gen_length, "block_length": block_length or gen_length,
+            "settings": {k: v for k, v in settings.items() if v is not None}, "problems": len(problems),
+            "accuracy": accuracy(result.completions, problems),
+            "nfe": sum(call["nfe"] for call in result.calls) / len(result.calls),
+            "seconds": round(time.perf_counter() - began, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="folder of a chain-arith LLaDA or Dream model")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--problems", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration", action="store_true", help="also the reliability table (threshold row)")
+    parser.add_argument("--json", type=Path, required=True, help="results file (rows already in it are kept)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    problems = list(dev_split(args.problems))
+    report = json.loads(args.json.read_text()) if args.json.exists() else {}
+    if report.get("model") != str(args.model) or report.get("problems") != args.problems:
+        report = {"model": str(args.model), "problems": args.problems, "task": "chain-arith dev",
+                  "machine": f"{platform.machine()} CPU, {args.threads} threads, float32", "rows": {}}
+    for name in args.rows:
+        if name in report["rows"]:
+            print(f"{name}: {100 * report['rows'][name]['accuracy']:.1f}% (kept)")
+            continue
+        with torch.inference_mode():
+            report["rows"][name] = evaluate_row(model, tokenizer, name, problems, args.batch_size)
+        row = report["rows"][name]
+        print(f"{name}: {100 * row['accuracy']:.1f}% ({row['nfe']:.0f} forwards per batch, {row['seconds']:.0f}s)",
+              flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.calibration and "calibration" not in report:
+        name = "threshold-b32-g256"
+        with torch.inference_mode():
+            report["calibration"] = {"row": name, **calibration(model, tokenizer, problems, ROWS[name][0],
+                                                                 args.batch_size, row_settings(name))}
+        print(f"calibration ({name}): {report['calibration']['tokens']} committed tokens, token accuracy "
+              f"{100 * report['calibration']['token_accuracy']:.1f}%, ECE {report['calibration']['ece']:.3f}")
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
