@@ -31,7 +31,7 @@ from dlm_generation.configuration_diffusion import (
     check_known_kwargs,
     translate_aliases,
 )
-from dlm_generation.diffusion_cache import KNOWN_CACHE_IMPLEMENTATIONS
+from dlm_generation.diffusion_cache import CACHE_CONFIG_DEFAULTS, KNOWN_CACHE_IMPLEMENTATIONS
 from dlm_generation.generation_utils import MODEL_INPUT_NAMES
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -175,6 +175,11 @@ VALIDATE_BRANCHES = [
                     f"{KNOWN_CACHE_IMPLEMENTATIONS} or None."), id="cache_implementation-ar"),
     pytest.param({"cache_config": [("x", 1)]}, r"cache_config must be a dict of the cache's hyper-parameters, got "
                  r"\[\('x', 1\)\]", id="cache_config-not-dict"),
+    pytest.param({"cache_implementation": "dual", "cache_config": {"x": 1}},
+                 r"cache_config key 'x' is not a setting of the 'dual' cache \(its keys: none\)", id="cache_config-dual-key"),
+    pytest.param({"cache_implementation": "freecache", "cache_config": {"window": 8}},
+                 r"cache_config key 'window' is not a setting of the 'freecache' cache \(its keys: \['window_left', "
+                 r"'window_right'\]\)", id="cache_config-freecache-key"),
 ]
 
 
@@ -226,8 +231,11 @@ def test_unsupported_ar_fields_accept_their_off_value(name, entry):
 ] + [
     pytest.param({"schedule": schedule}, id=f"schedule-{schedule}") for schedule in SCHEDULES
 ] + [
-    pytest.param({"cache_implementation": name, "cache_config": {"x": 1}}, id=f"cache-{name}")
+    pytest.param({"cache_implementation": name, "cache_config": dict(CACHE_CONFIG_DEFAULTS[name])}, id=f"cache-{name}")
     for name in KNOWN_CACHE_IMPLEMENTATIONS
+] + [
+    pytest.param({"cache_implementation": "dllm", "cache_config": {"rho": 0.5, "kp": 10}}, id="cache-dllm-alias"),
+    pytest.param({"cache_implementation": "dual", "cache_config": {}}, id="cache-dual-empty"),
 ] + [
     pytest.param({"block_length": 3}, id="block_length-alone"),  # cross-field checks need both fields set
     pytest.param({"max_new_tokens": 32, "block_length": 8, "steps": 4}, id="blocks-ok"),
@@ -524,11 +532,13 @@ def test_known_but_unavailable_cache_implementation(family, name):
     _, model = family
     with raises(rf"cache_implementation='{name}' is not available in this version of dlm-generation; use "
                 r"cache_implementation=None"):
-        model.diffusion_generate(prompt(), max_new_tokens=4, cache_implementation=name, cache_config={"x": 1})
+        model.diffusion_generate(prompt(), max_new_tokens=4, cache_implementation=name,
+                                 cache_config=dict(CACHE_CONFIG_DEFAULTS[name]))
 
 
-def test_dual_is_known_but_unavailable():
-    assert "dual" in KNOWN_CACHE_IMPLEMENTATIONS and "dual" not in DIFFUSION_CACHE_CLASSES
+def test_available_caches_are_registered_classes():
+    assert {"prefix", "dual"} <= set(DIFFUSION_CACHE_CLASSES) <= set(KNOWN_CACHE_IMPLEMENTATIONS)
+    assert all(issubclass(cls, DiffusionCache) for cls in DIFFUSION_CACHE_CLASSES.values())
 
 
 @pytest.mark.parametrize("kwargs", [{"assistant_model": "model"}, {"guidance": "ar"}])
@@ -558,11 +568,12 @@ def test_stop_strings_need_tokenizer(llada):
 # ====================================================================================================================
 _COMMON = dict(steps=16, block_length=8, schedule="eps", alg_temp=0.5, eps=0.01, cfg_scale=1.5,
                logits_eos_inf=True, confidence_eos_eot_inf=True, eot_token_id=502, mask_token_id=MASK_ID,
-               eos_early_stop=True, output_history=True, max_new_tokens=32, temperature=0.7, top_p=0.9, top_k=20,
+               eos_early_stop=True, output_history=True, output_confidences=True, max_new_tokens=32, temperature=0.7, top_p=0.9, top_k=20,
                eos_token_id=501, pad_token_id=501)
 # threshold and factor exclude each other, so "every diffusion field" takes two configs.
-FULL_THRESHOLD = {**_COMMON, "alg": "maskgit_plus", "threshold": 0.8, "cache_implementation": "dual", "cache_config": {"x": 1}}
-FULL_FACTOR = {**_COMMON, "alg": "topk_margin", "factor": 1.0, "cache_implementation": "dual", "cache_config": {"x": 1}}
+FREECACHE = {"cache_implementation": "freecache", "cache_config": {"window_left": 32, "window_right": 128}}
+FULL_THRESHOLD = {**_COMMON, "alg": "maskgit_plus", "threshold": 0.8, **FREECACHE}
+FULL_FACTOR = {**_COMMON, "alg": "topk_margin", "factor": 1.0, **FREECACHE}
 FULL_CONFIGS = [pytest.param(FULL_THRESHOLD, id="threshold"), pytest.param(FULL_FACTOR, id="factor")]
 
 
@@ -596,10 +607,10 @@ def test_save_and_load_round_trip(tmp_path, fields):
 
 
 @pytest.mark.parametrize("fields", [
-    pytest.param(FULL_THRESHOLD, id="threshold-dual", marks=pytest.mark.xfail(raises=ValueError, strict=True, reason=(
-        "Known limitation (documented in README): DiffusionGenerationConfig writes cache_implementation='dual' (a KNOWN_CACHE_IMPLEMENTATIONS "
-        "name) to generation_config.json, but transformers.GenerationConfig.from_pretrained validates it against "
-        "the autoregressive cache names and raises ValueError: Invalid `cache_implementation` (dual)."))),
+    pytest.param(FULL_THRESHOLD, id="threshold-freecache", marks=pytest.mark.xfail(raises=ValueError, strict=True, reason=(
+        "Known limitation (documented in README): DiffusionGenerationConfig writes cache_implementation='freecache' (a "
+        "KNOWN_CACHE_IMPLEMENTATIONS name) to generation_config.json, but transformers.GenerationConfig.from_pretrained "
+        "validates it against the autoregressive cache names and raises ValueError: Invalid `cache_implementation`."))),
     pytest.param({k: v for k, v in FULL_THRESHOLD.items() if k != "cache_implementation"}, id="threshold"),
     pytest.param({k: v for k, v in FULL_FACTOR.items() if k != "cache_implementation"}, id="factor"),
 ])

@@ -1,9 +1,14 @@
 """Token-exact parity with the reference decoders (golden vectors in fixtures/golden, see its README).
 
-Every deterministic case of llada_official, fastdllm_llada (no-cache `generate`), dream_hub and fastdllm_dream
-(no-cache) is replayed through the public `diffusion_generate` with the reference's own argument names, in float32
-and float64, and must reproduce `output_ids` and `nfe` exactly -- except the documented deviations below, where the
+Every deterministic case of llada_official, fastdllm_llada (`generate`, `generate_with_prefix_cache`,
+`generate_with_dual_cache`), dream_hub and fastdllm_dream (no cache, and the block file with prefix or dual cache)
+is replayed through the public `diffusion_generate` with the reference's own argument names, in float32 and
+float64, and must reproduce `output_ids` and `nfe` exactly -- except the documented deviations below, where the
 library deliberately does the correct thing and a dedicated test checks that behaviour instead.
+
+Reference arguments that name a cache become `cache_implementation`: the Fast-dLLM LLaDA function names, and the
+Fast-dLLM Dream block file's `dual_cache` flag (False: its prefix cache). That block file scores every `alg` other
+than `confidence_threshold` with entropy, so its `maskgit_plus` cases are replayed with `alg="entropy"`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ DEVIATIONS = {
     "dream_hub/batch2_unequal_masks_maskgit_plus_s16_n32": "per-row step counts",
     # 14 confidences tie at exactly 1.0 after top-p filtering (fragile_tie_break in the golden README).
     "dream_hub/maskgit_plus_topp0.9_s16_n32": "exact confidence ties broken leftmost-first",
+    # The a9b81e4 dual-cache loop caps a block at steps/num_blocks forwards and leaves its unfinished masks in the
+    # output. Our dual cache finishes every block (as upstream's earlier 24cc59e snapshot did).
+    "fastdllm_llada@a9b81e4/generate_with_dual_cache/thr0.8_g32_s8_b8_capped": "no step cap: no masks left",
 }
 
 
@@ -45,11 +53,7 @@ def _in_scope(case: dict) -> bool:
     family = _family(case)
     if family in ("llada_official", "dream_hub"):
         return True
-    if family == "fastdllm_llada@a9b81e4":
-        return case["reference"]["function"] == "generate"
-    if family == "fastdllm_dream@a9b81e4":
-        return case["reference"]["file"].endswith("/generation_utils.py")
-    return False
+    return family in ("fastdllm_llada@a9b81e4", "fastdllm_dream@a9b81e4")
 
 
 def _base_id(case: dict) -> str:
@@ -73,8 +77,21 @@ def models():
     return get
 
 
+def reference_kwargs(case: dict) -> dict:
+    """The reference call's arguments in the library's terms (see the module docstring)."""
+    kwargs = dict(case["args"])
+    function = case["reference"]["function"]
+    if function.startswith("generate_with_"):  # generate_with_prefix_cache, generate_with_dual_cache
+        kwargs["cache_implementation"] = function.removeprefix("generate_with_").removesuffix("_cache")
+    if "dual_cache" in kwargs:  # Fast-dLLM Dream's block file
+        kwargs["cache_implementation"] = "dual" if kwargs.pop("dual_cache") else "prefix"
+        if kwargs["alg"] not in ("confidence_threshold", "entropy"):
+            kwargs["alg"] = "entropy"
+    return kwargs
+
+
 def _run(case: dict, get_model, **overrides):
-    kwargs = dict(case["args"], return_dict_in_generate=True)
+    kwargs = dict(reference_kwargs(case), return_dict_in_generate=True)
     if "eos_id" in case:  # the patched LLaDA eos cases: the model's own EOS and EoT ids
         kwargs.update(eos_token_id=case["eos_id"], eot_token_id=case["eot_id"])
     kwargs.update(overrides)
@@ -90,11 +107,14 @@ def test_scope_counts():
         families[_family(case)] = families.get(_family(case), 0) + 1
     assert families == {
         "llada_official": 28,
-        "fastdllm_llada@a9b81e4": 26,
+        "fastdllm_llada@a9b81e4": 76,
         "dream_hub": 38,
-        "fastdllm_dream@a9b81e4": 14,
+        "fastdllm_dream@a9b81e4": 44,
     }
-    assert len(DEVIATION_CASES) == 8
+    assert len(DEVIATION_CASES) == 10
+    cached = [c for c in PARITY_CASES if "cache_implementation" in reference_kwargs(c)]
+    assert len(cached) == 80  # LLaDA 13 prefix + 12 dual, Dream 8 prefix + 7 dual; x 2 dtypes
+    assert sorted({reference_kwargs(c)["cache_implementation"] for c in cached}) == ["dual", "prefix"]
 
 
 @pytest.mark.parametrize("case", PARITY_CASES, ids=[c["id"] for c in PARITY_CASES])
@@ -160,3 +180,16 @@ def test_top_p_tie_case_fills_the_canvas(models):
     out = _run(case, models)
     assert out.nfe == case["nfe"]
     assert not (out.sequences == 500).any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dual_cache_never_leaves_masks(models, dtype):
+    """Deviation 5: with too few steps for threshold 0.8 the a9b81e4 dual cache stops each block after
+    steps/num_blocks forwards and leaves 10 masks; ours finishes every block, which is what upstream's earlier
+    snapshot (24cc59e, no cap) returned token for token."""
+    case = _case(f"fastdllm_llada@a9b81e4/generate_with_dual_cache/thr0.8_g32_s8_b8_capped/{dtype}")
+    uncapped = _case(f"fastdllm_llada@24cc59e/generate_with_dual_cache/thr0.8_g32_s8_b8_capped/{dtype}")
+    assert sum(row.count(500) for row in case["output_ids"]) == 10
+    out = _run(case, models)
+    assert not (out.sequences == 500).any()
+    assert out.sequences.tolist() == uncapped["output_ids"] and out.nfe == uncapped["nfe"] == 11

@@ -40,6 +40,8 @@ SHARED_CODE = [
     "generation_utils.py",
     "configuration_diffusion.py",
     "diffusion_cache.py",
+    "diffusion_caches.py",
+    "diffusion_kv_caches.py",
     "diffusion_strategies.py",
     "modeling_diffusion_utils.py",
 ]
@@ -59,6 +61,7 @@ FAMILIES = {
             # model defaults: low_confidence remasking, temperature 0 (deterministic)
             "default": (None, {"max_new_tokens": 16, "steps": 16, "block_length": 8}),
             "sampled": (1234, {"max_new_tokens": 16, "steps": 16, "block_length": 8, "temperature": 0.7}),
+            "dual-cache": (None, {"max_new_tokens": 16, "steps": 16, "block_length": 8, "cache_implementation": "dual"}),
         },
     ),
     "dream": SimpleNamespace(
@@ -74,6 +77,8 @@ FAMILIES = {
             # the tiny-dream generation_config.json says alg "origin" (random order): seeded
             "default": (0, {"max_new_tokens": 16, "steps": 16}),
             "entropy": (None, {"max_new_tokens": 16, "steps": 16, "alg": "entropy"}),
+            "prefix-cache": (None, {"max_new_tokens": 16, "steps": 16, "block_length": 8, "alg": "entropy",
+                                    "cache_implementation": "prefix"}),
         },
     ),
 }

@@ -10,7 +10,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_diffusion import DiffusionGenerationConfig
 from .configuration_dream import DreamConfig
 from .configuration_llada import LLaDAConfig
-from .diffusion_cache import DIFFUSION_CACHE_CLASSES, DiffusionCache
+from .diffusion_cache import CacheStep, DiffusionCache
+from .diffusion_caches import DIFFUSION_CACHE_CLASSES
+from .diffusion_kv_caches import DualCache, PrefixCache
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
 from .modeling_dream import DreamModel
 from .modeling_llada import LLaDAModelLM
@@ -27,7 +29,9 @@ for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
 
 __all__ = [
     "DIFFUSION_CACHE_CLASSES",
+    "CacheStep",
     "DiffusionCache",
+    "DualCache",
     "DiffusionGenerateOutput",
     "DiffusionGenerationConfig",
     "DiffusionGenerationMixin",
@@ -35,4 +39,5 @@ __all__ = [
     "DreamModel",
     "LLaDAConfig",
     "LLaDAModelLM",
+    "PrefixCache",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import GenerationConfig
 
-from .diffusion_cache import KNOWN_CACHE_IMPLEMENTATIONS
+from .diffusion_cache import KNOWN_CACHE_IMPLEMENTATIONS, resolve_cache_config
 
 # Confidence measures ("scorers"). `confidence_threshold` is Fast-dLLM Dream's name for maskgit_plus confidence
 # with budgeted threshold commits; it is accepted so that existing Dream call sites keep working.
@@ -235,6 +235,11 @@ class DiffusionGenerationConfig(GenerationConfig):
             )
         if self.cache_config is not None and not isinstance(self.cache_config, dict):
             errors.append(f"cache_config must be a dict of the cache's hyper-parameters, got {self.cache_config!r}.")
+        elif self.cache_implementation in KNOWN_CACHE_IMPLEMENTATIONS:
+            try:
+                resolve_cache_config(self.cache_implementation, self.cache_config)
+            except ValueError as error:
+                errors.append(str(error))
         for name, (off, why) in UNSUPPORTED_AR_FIELDS.items():
             value = getattr(self, name, None)
             if value is not None and value != off:

@@ -1,47 +1,105 @@
 """The diffusion cache protocol and its null object.
 
 A diffusion cache decides, per denoising step, which canvas positions the model recomputes, and keeps whatever it
-needs between steps. The denoising loop talks to it through a few lifecycle hooks; a model talks to it at exactly
-one place, `past_key_values.update(key, value, layer_idx)` inside attention (see `modeling_diffusion_utils`).
+needs between steps. Two sides talk to it:
 
-`DiffusionCache` itself is the null cache: every step recomputes the whole canvas and nothing is stored. A real
-cache (prefix, dual, ...) is a subclass that overrides only the hooks it needs and registers itself under its
-`cache_implementation` name in `DIFFUSION_CACHE_CLASSES`; the loop never changes.
+* The denoising loop, through lifecycle hooks: `begin_generation` (once), `begin_block` (per semi-AR block),
+  `plan_step` (before every forward: which positions to run, which keys to attend to), `end_step` (after the
+  step's commits) and `end_generation` (frees what the cache holds).
+* The model, at exactly one point: `past_key_values.update(key, value, layer_idx)` inside attention (see
+  `modeling_diffusion_utils.diffusion_attention`), which receives the keys and values of the positions the step
+  runs and returns the keys and values to attend to.
+
+`DiffusionCache` itself is the null cache: every step runs the whole canvas and nothing is stored. A real cache
+(`diffusion_kv_caches.py`) is a subclass that overrides only the hooks it needs and is registered under its
+`cache_implementation` name in `diffusion_caches.DIFFUSION_CACHE_CLASSES`; the loop never branches on the cache
+type. See docs/write-your-own-cache.md.
 
 This file travels with saved models, so it imports only torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-# Every cache name the configuration accepts, whether or not this version implements it.
-KNOWN_CACHE_IMPLEMENTATIONS = ("prefix", "dual", "dllm", "d2cache", "freecache")
+# Every cache name the configuration accepts, with its `cache_config` keys and their defaults (DESIGN.md; the
+# defaults of the papers' code). `None` for freecache's window_right means "every remaining position".
+CACHE_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prefix": {},
+    "dual": {},
+    "dllm": {"kp": 50, "kr": 2, "rou": 0.25},
+    "d2cache": {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0, "inflate_w": 4},
+    "freecache": {"window_left": 64, "window_right": None},
+}
+CACHE_CONFIG_ALIASES: dict[str, dict[str, str]] = {"dllm": {"rho": "rou"}}
+KNOWN_CACHE_IMPLEMENTATIONS = tuple(CACHE_CONFIG_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """What one forward computes: the model runs canvas positions [query_start, query_end) and they attend to the
+    keys of positions [0, key_end) (the cache supplies those outside the query range)."""
+
+    query_start: int
+    query_end: int
+    key_end: int
 
 
 class DiffusionCache:
-    """Null cache: recompute the whole canvas at every step, store nothing."""
+    """Null cache: run the whole canvas at every step, store nothing.
+
+    Subclasses override what they need:
+
+    * `plan_step(canvas, step)`: the `CacheStep` of the next forward (`step` counts from 0 inside the block).
+    * `settled_before()`: this block's later steps give no fresh logits left of this position (caches that freeze
+      the prefix return the block start). The loop commits eligible masks there at the step that still sees them.
+    * `update(key, value, layer_idx)`: store / splice keys and values (already rotated), return those to attend to.
+    * `begin_generation`, `begin_block`, `end_step`, `end_generation`: reset, move, release state.
+    """
 
     def __init__(self, cache_config: dict | None = None):
         self.cache_config = dict(cache_config or {})
+        self.canvas_length = 0
 
+    # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Called once before the first step, with the initial canvas (batch, length)."""
+        """Called once before the first step, with the initial canvas (batch, length) and the padding mask."""
+        self.canvas_length = canvas.shape[1]
 
     def begin_block(self, block_start: int, block_end: int) -> None:
         """Called when the loop moves to the block [block_start, block_end) of the canvas."""
 
-    def query_range(self, canvas_length: int, block_start: int, block_end: int) -> tuple[int, int]:
-        """Canvas positions [start, end) the model recomputes this step (the null cache: all of them)."""
-        return 0, canvas_length
+    def plan_step(self, canvas: torch.Tensor, step: int) -> CacheStep:
+        """The positions the next forward runs and the keys they see (the null cache: everything)."""
+        return CacheStep(0, canvas.shape[1], canvas.shape[1])
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model-side contact point: take this step's keys/values of one layer, return the ones to attend to."""
-        return key, value
+    def settled_before(self) -> int:
+        """Positions left of this get no fresh logits in the current block's later steps (the null cache: none)."""
+        return 0
 
     def end_step(self) -> None:
         """Called after the step's tokens were committed."""
 
+    def end_generation(self) -> None:
+        """Called when the call returns (also on error): release stored tensors."""
 
-# cache_implementation name -> class. Filled by the cache modules of later releases.
-DIFFUSION_CACHE_CLASSES: dict[str, type[DiffusionCache]] = {}
+    # ----------------------------------------------------------------------------------------- model side
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-side contact point: take this step's keys/values of one layer, return the ones to attend to."""
+        return key, value
+
+
+def resolve_cache_config(name: str, cache_config: dict | None) -> dict[str, Any]:
+    """`cache_config` with aliases translated and defaults filled in; unknown keys raise (config validation)."""
+    aliases = CACHE_CONFIG_ALIASES.get(name, {})
+    resolved = dict(CACHE_CONFIG_DEFAULTS[name])
+    for key, value in (cache_config or {}).items():
+        canonical = aliases.get(key, key)
+        if canonical not in resolved:
+            known = sorted([*resolved, *aliases]) or "none"
+            raise ValueError(f"cache_config key {key!r} is not a setting of the {name!r} cache (its keys: {known}).")
+        resolved[canonical] = value
+    return resolved

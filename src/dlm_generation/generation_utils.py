@@ -29,7 +29,8 @@ from .configuration_diffusion import (
     check_known_kwargs,
     translate_aliases,
 )
-from .diffusion_cache import DIFFUSION_CACHE_CLASSES, DiffusionCache
+from .diffusion_cache import DiffusionCache, resolve_cache_config
+from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_strategies import NEG_INF, StepContext, build_strategies, propose_tokens
 
 MODEL_INPUT_NAMES = {"input_ids", "attention_mask", "tokenizer"}
@@ -87,10 +88,12 @@ class DiffusionGenerationMixin(GenerationMixin):
         2. Build the canvas: prompt followed by `max_new_tokens` mask ids, padding mask and position ids.
         3. Turn strings into objects: schedule, commit policy, cache, logits processors, stopping criteria.
         4. For each block, until it has no eligible masks (masks before the block end, in unfinished rows):
-           4.1 run the model (through the cache) and read the logits of the positions that can change;
+           4.1 ask the cache which positions this step runs; run the model on them and read the logits of the
+               positions that can change and have fresh logits;
            4.2 apply the model's logit shift, classifier-free guidance and the logits processors;
            4.3 propose a token and a confidence at every position;
-           4.4 choose the positions to commit (schedule count + policy) and commit them;
+           4.4 choose the positions to commit (schedule count + policy; masks the block's later steps get no fresh
+               logits for are committed now, greedily, and alone) and commit them;
            4.5 finish rows: `eos_early_stop`, `stop_strings`, stopping criteria.
         5. Return `sequences` (and `nfe`, `tokens_per_forward`, `history`, `confidences` with
            `return_dict_in_generate=True`).
@@ -163,68 +166,82 @@ class DiffusionGenerationMixin(GenerationMixin):
         block_length = config.block_length or config.max_new_tokens
         num_blocks = config.max_new_tokens // block_length
         steps_in_block = config.steps // num_blocks
+        shift = self.diffusion_logits_shift
         cache.begin_generation(canvas, padding_mask)
-        for block in range(num_blocks):
-            block_end = prompt_len + (block + 1) * block_length
-            is_mask = canvas[:, :block_end] == mask_id
-            eligible_counts = (is_mask & ~finished[:, None]).sum(-1)
-            if not bool((eligible_counts > 0).any()):
-                continue
-            # The window of positions that can change in this block: from the first eligible mask to the block end.
-            window_start = int(is_mask.any(0).nonzero()[0])
-            strategies.schedule.begin_block(eligible_counts, steps_in_block)
-            strategies.policy.begin_block(eligible_counts, steps_in_block)
-            cache.begin_block(block_end - block_length, block_end)
-            step = 0
-            # Every policy commits at least one token per row within its step budget, so this bound is never
-            # reached; it turns a future policy bug into an error instead of a hang.
-            max_steps = steps_in_block + (block_end - window_start)
-            while True:
-                window = canvas[:, window_start:block_end]
-                eligible = (window == mask_id) & ~finished[:, None]
-                remaining = eligible.sum(-1)
-                if not bool((remaining > 0).any()):
-                    break
-                if step >= max_steps:
-                    raise RuntimeError(
-                        f"diffusion_generate made no progress: block {block} still has masked positions after"
-                        f" {step} steps (alg={config.alg!r}, threshold={config.threshold}, factor={config.factor})."
-                        " Please report this with the configuration."
+        try:
+            for block in range(num_blocks):
+                block_end = prompt_len + (block + 1) * block_length
+                is_mask = canvas[:, :block_end] == mask_id
+                eligible_counts = (is_mask & ~finished[:, None]).sum(-1)
+                if not bool((eligible_counts > 0).any()):
+                    continue
+                # The positions that can change in this block: from the first eligible mask to the block end.
+                window_start = int(is_mask.any(0).nonzero()[0])
+                strategies.schedule.begin_block(eligible_counts, steps_in_block)
+                strategies.policy.begin_block(eligible_counts, steps_in_block)
+                block_start = block_end - block_length
+                cache.begin_block(block_start, block_end)
+                step = 0
+                # Every policy commits at least one token per row within its step budget, so this bound is never
+                # reached; it turns a future policy bug into an error instead of a hang.
+                max_steps = steps_in_block + (block_end - window_start)
+                while True:
+                    plan = cache.plan_step(canvas, step)
+                    # Positions whose logits this forward computes (a shifted model reads position i at i - 1).
+                    step_start = max(window_start, plan.query_start + shift)
+                    window = canvas[:, step_start:block_end]
+                    eligible = (window == mask_id) & ~finished[:, None]
+                    remaining = eligible.sum(-1)
+                    if not bool((remaining > 0).any()):
+                        break
+                    if step >= max_steps:
+                        raise RuntimeError(
+                            f"diffusion_generate made no progress: block {block} still has masked positions after"
+                            f" {step} steps (alg={config.alg!r}, threshold={config.threshold}, factor={config.factor})."
+                            " Please report this with the configuration."
+                        )
+                    # 4.1-4.2 logits of the window
+                    logits = self._window_logits(
+                        canvas, padding_mask, position_ids, uncond_prompt, cache, plan, step_start, block_end, config
                     )
-                # 4.1-4.2 logits of the window
-                logits = self._window_logits(
-                    canvas, padding_mask, position_ids, uncond_prompt, cache, window_start, block_end, config
-                )
-                nfe += 1
-                for processor in processors:
-                    logits = processor(canvas, logits)
-                # 4.3 proposals
-                proposal = propose_tokens(
-                    logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_index
-                )
-                confidence = torch.where(eligible, proposal.confidence, NEG_INF)
-                # 4.4 commit
-                ctx = StepContext(
-                    step=step,
-                    count=strategies.schedule.count(step, remaining),
-                    remaining=remaining,
-                    schedule=strategies.schedule,
-                )
-                commit = strategies.policy.select(confidence, eligible, ctx)
-                canvas[:, window_start:block_end] = torch.where(commit, proposal.tokens, window)
-                if confidences is not None:
-                    seen = confidences[:, window_start:block_end]
-                    confidences[:, window_start:block_end] = torch.where(commit, proposal.confidence.float(), seen)
-                cache.end_step()
-                step += 1
-                # 4.5 finished rows
-                finished = self._update_finished(canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer)
-                if history is not None:
-                    history.append(canvas.clone())
-                if streamer is not None:
-                    streamed = self._stream_settled(streamer, canvas, streamed, mask_id)
-                # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
-                # sync) also ends the block, and every later block, once all rows are finished.
+                    nfe += 1
+                    for processor in processors:
+                        logits = processor(canvas, logits)
+                    # 4.3 proposals
+                    proposal = propose_tokens(
+                        logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_index
+                    )
+                    confidence = torch.where(eligible, proposal.confidence, NEG_INF)
+                    # 4.4 commit
+                    ctx = StepContext(
+                        step=step,
+                        count=strategies.schedule.count(step, remaining),
+                        remaining=remaining,
+                        schedule=strategies.schedule,
+                    )
+                    commit = strategies.policy.select(confidence, eligible, ctx)
+                    unseen_later = cache.settled_before() + shift  # later steps of this block see no logits left of it
+                    if unseen_later > step_start:
+                        # A row with masks there commits exactly those now (its only chance), greedily or as drawn.
+                        forced = eligible & (torch.arange(step_start, block_end, device=canvas.device) < unseen_later)
+                        commit = torch.where(forced.any(-1, keepdim=True), forced, commit)
+                    canvas[:, step_start:block_end] = torch.where(commit, proposal.tokens, window)
+                    if confidences is not None:
+                        seen = confidences[:, step_start:block_end]
+                        confidences[:, step_start:block_end] = torch.where(commit, proposal.confidence.float(), seen)
+                    cache.end_step()
+                    step += 1
+                    # 4.5 finished rows
+                    finished = self._update_finished(canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer)
+                    if history is not None:
+                        history.append(canvas.clone())
+                    if streamer is not None:
+                        streamed = self._stream_settled(streamer, canvas, streamed, mask_id)
+                    # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
+                    # sync) also ends the block, and every later block, once all rows are finished.
+
+        finally:
+            cache.end_generation()
 
         # 5. outputs
         if streamer is not None:
@@ -365,7 +382,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                 f"cache_implementation={config.cache_implementation!r} is not available in this version of "
                 "dlm-generation; use cache_implementation=None."
             )
-        return cache_class(config.cache_config)
+        return cache_class(resolve_cache_config(config.cache_implementation, config.cache_config))
 
     def _prepare_logits_processors(self, config, logits_processor, device) -> LogitsProcessorList:
         processors = LogitsProcessorList()
@@ -386,13 +403,19 @@ class DiffusionGenerationMixin(GenerationMixin):
         return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------------------------------ 4. step helpers
-    def _window_logits(self, canvas, padding_mask, position_ids, uncond_prompt, cache, window_start, block_end, config):
-        """Logits (batch, window, vocab) for canvas positions [window_start, block_end), shift and CFG applied."""
-        start, end = cache.query_range(canvas.shape[1], block_end - (config.block_length or config.max_new_tokens), block_end)
+    def _window_logits(self, canvas, padding_mask, position_ids, uncond_prompt, cache, plan, window_start, block_end,
+                       config):
+        """Logits (batch, window, vocab) for canvas positions [window_start, block_end), shift and CFG applied.
+
+        The model runs the positions of the cache's plan, [plan.query_start, plan.query_end), attending to keys
+        [0, plan.key_end); `window_start` is at least `plan.query_start + shift`.
+        """
+        start, end = plan.query_start, plan.query_end
         shift = self.diffusion_logits_shift
         # Position i reads the prediction made at i - shift (position 0 reads its own).
         keep = (torch.arange(window_start, block_end, device=canvas.device) - shift).clamp_min(0) - start
-        inputs, mask, positions = canvas[:, start:end], padding_mask, position_ids[:, start:end]
+        mask = padding_mask[:, : plan.key_end] if padding_mask is not None else None
+        inputs, positions = canvas[:, start:end], position_ids[:, start:end]
         if uncond_prompt is not None:
             uncond = canvas.clone()
             uncond[:, : uncond_prompt.shape[1]] = uncond_prompt

@@ -1,0 +1,11 @@
+"""The registry of diffusion caches: `cache_implementation` name -> class (strings become objects here, once).
+
+This file travels with saved models, so it imports only siblings.
+"""
+
+from __future__ import annotations
+
+from .diffusion_cache import DiffusionCache
+from .diffusion_kv_caches import DualCache, PrefixCache
+
+DIFFUSION_CACHE_CLASSES: dict[str, type[DiffusionCache]] = {"prefix": PrefixCache, "dual": DualCache}

@@ -1,0 +1,211 @@
+"""Diffusion caches beyond the golden vectors (those are in test_parity.py): what each step recomputes, what stays
+stale, exactness when nothing changed, batches, memory, and graph capture.
+
+Runs on the shipped tiny random models (`model_cards/tiny-random-*`): 512-token vocabulary, mask 500, EOS 501.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dlm_generation
+from dlm_generation import CacheStep, DiffusionCache, DualCache, PrefixCache
+
+CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+MASK, EOS, EOT = 500, 501, 502
+PROMPT = torch.tensor([[495, 65, 138, 430, 447, 294, 491, 416, 151, 336]])
+SHORT = torch.tensor([[271, 68, 306, 195, 186, 232, 56]])
+CACHES = ["prefix", "dual"]
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def model(request):
+    return AutoModelForCausalLM.from_pretrained(CARDS / f"tiny-random-{request.param}")
+
+
+class Recording:
+    """Wraps a cache instance's hooks to record the plans and the stored tensors' shapes."""
+
+    def __init__(self, cache: DiffusionCache):
+        self.cache, self.plans, self.blocks, self.stored = cache, [], [], []
+        plan_step, begin_block, update = cache.plan_step, cache.begin_block, cache.update
+        self.last = None
+
+        def recording_plan(canvas, step):
+            plan = plan_step(canvas, step)
+            self.last = (len(self.blocks) - 1, step, plan)
+            return plan
+
+        def recording_block(start, end):
+            self.blocks.append((start, end))
+            begin_block(start, end)
+
+        def recording_update(key, value, layer_idx):
+            if layer_idx == 0:  # a forward ran with the last plan (the loop also plans the check that ends a block)
+                self.plans.append(self.last)
+            out = update(key, value, layer_idx)
+            self.stored.append((layer_idx, tuple(out[0].shape)))
+            return out
+
+        cache.plan_step, cache.begin_block, cache.update = recording_plan, recording_block, recording_update
+
+
+@pytest.mark.parametrize("name, cls", [("prefix", PrefixCache), ("dual", DualCache)])
+def test_each_step_recomputes_what_the_method_says(model, name, cls):
+    """Block start: the whole canvas. Later steps: prefix runs block + suffix, dual the block only; both attend to
+    every canvas key."""
+    recording = Recording(cls())
+    out = model.diffusion_generate(PROMPT, max_new_tokens=32, steps=32, block_length=8, past_key_values=recording.cache,
+                                   return_dict_in_generate=True)
+    length = 10 + 32
+    assert out.nfe == len(recording.plans) == 32 and len(recording.blocks) == 4
+    for block, step, plan in recording.plans:
+        start, end = recording.blocks[block]
+        if step == 0:
+            assert plan == CacheStep(0, length, length)
+        else:
+            assert plan == CacheStep(start, length if name == "prefix" else end, length)
+    assert not (out.sequences == MASK).any()
+
+
+@pytest.mark.parametrize("cls", [PrefixCache, DualCache])
+def test_cached_step_leaves_keys_outside_its_range_untouched(model, cls):
+    """A cached step writes fresh keys/values only inside its query range; everything else keeps the values of the
+    block's first (full) step."""
+    cache = cls()
+    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    cache.begin_generation(canvas, None)
+    cache.begin_block(10, 18)
+    cache.plan_step(canvas, 0)
+    model(canvas, past_key_values=cache)
+    before = {layer: tensor.clone() for layer, tensor in cache.keys.items()}
+    canvas[0, 12] = 7  # a commit in the block changes what the block computes
+    plan = cache.plan_step(canvas, 1)
+    model(canvas[:, plan.query_start:plan.query_end], past_key_values=cache,
+          position_ids=torch.arange(plan.query_start, plan.query_end)[None])
+    for layer, tensor in cache.keys.items():
+        outside = torch.ones(26, dtype=torch.bool)
+        outside[plan.query_start:plan.query_end] = False
+        assert torch.equal(tensor[:, :, outside], before[layer][:, :, outside]), layer
+        assert not torch.equal(tensor[:, :, 12], before[layer][:, :, 12]), layer  # refreshed where it changed
+    cache.end_generation()
+    assert cache.keys == {} and cache.values == {}
+
+
+@pytest.mark.parametrize("cls", [PrefixCache, DualCache])
+def test_cached_step_is_exact_when_nothing_changed(model, cls):
+    """Stale keys are only approximate once the canvas changes: on an unchanged canvas a cached step gives the logits
+    of the full forward (float tolerance)."""
+    cache = cls()
+    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    canvas[0, 10:13] = torch.tensor([5, 6, 7])
+    cache.begin_generation(canvas, None)
+    cache.begin_block(18, 26)
+    cache.plan_step(canvas, 0)
+    full = model(canvas, past_key_values=cache).logits
+    plan = cache.plan_step(canvas, 1)
+    partial = model(canvas[:, plan.query_start:plan.query_end], past_key_values=cache,
+                    position_ids=torch.arange(plan.query_start, plan.query_end)[None]).logits
+    assert torch.allclose(partial, full[:, plan.query_start:plan.query_end], atol=1e-5)
+
+
+POLICIES = {
+    "steps": {"steps": 8},
+    "threshold": {"threshold": 0.3, "alg": "low_confidence"},
+    "factor": {"factor": 1.0, "alg": "low_confidence"},
+    "entropy": {"alg": "entropy", "schedule": "eps"},
+    "topk_margin": {"alg": "topk_margin"},
+    "confidence_threshold": {"alg": "confidence_threshold", "threshold": 0.3, "steps": 4},
+    "eos_early_stop": {"eos_early_stop": True, "eot_token_id": EOT},
+    "cfg": {"cfg_scale": 1.0},
+}
+
+
+@pytest.mark.parametrize("cache", CACHES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_left_padded_batch_rows_equal_their_solo_runs(model, cache, policy):
+    batch = torch.cat([PROMPT, torch.cat([torch.full((1, 3), EOS), SHORT], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kwargs = {"max_new_tokens": 16, "steps": 16, "block_length": 8, "cache_implementation": cache, **POLICIES[policy]}
+    together = model.diffusion_generate(batch, attention_mask=mask, **kwargs)
+    assert together[0].tolist() == model.diffusion_generate(PROMPT, **kwargs)[0].tolist()
+    assert together[1, 3:].tolist() == model.diffusion_generate(SHORT, **kwargs)[0].tolist()
+    if policy != "eos_early_stop":
+        assert not (together[:, 10:] == MASK).any()
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_one_block_per_step_equals_no_cache(cache):
+    """LLaDA: a cache whose blocks finish in their first (full) step never uses a stale value, so the tokens equal
+    no cache. (Dream cannot finish a cached block in one step: see the next test.)"""
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "tiny-random-llada")
+    kwargs = dict(max_new_tokens=16, steps=2, block_length=8, factor=100.0, alg="low_confidence",
+                  return_dict_in_generate=True)
+    plain = model.diffusion_generate(PROMPT, **kwargs)
+    cached = model.diffusion_generate(PROMPT, cache_implementation=cache, **kwargs)
+    assert plain.nfe == cached.nfe == 2
+    assert torch.equal(plain.sequences, cached.sequences)
+
+
+def test_dream_commits_the_block_start_at_the_full_step():
+    """Dream reads position i's prediction at i - 1, which the cached steps of a block do not recompute: the block's
+    first position is committed at the block's full step, alone (as Fast-dLLM's Dream block decoder does)."""
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "tiny-random-dream")
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=16, block_length=8, cache_implementation="dual",
+                                   output_history=True, return_dict_in_generate=True)
+    after_full_steps = [out.history[0], out.history[8]]
+    for block, canvas in enumerate(after_full_steps):
+        start = 10 + 8 * block
+        block_values = canvas[0, start:start + 8]
+        assert block_values[0] != MASK and (block_values[1:] == MASK).all()
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_cache_memory_is_batch_canvas_layers_heads_dim_and_freed(model, cache):
+    cls = dlm_generation.DIFFUSION_CACHE_CLASSES[cache]
+    recording = Recording(cls())
+    batch = torch.cat([PROMPT, PROMPT])
+    model.diffusion_generate(batch, max_new_tokens=16, steps=16, block_length=8, past_key_values=recording.cache)
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.n_kv_heads
+    head_dim = (getattr(config, "hidden_size", None) or config.d_model) // (
+        getattr(config, "num_attention_heads", None) or config.n_heads)
+    assert {shape for _, shape in recording.stored} == {(2, kv_heads, 26, head_dim)}
+    assert {layer for layer, _ in recording.stored} == set(range(layers))
+    assert recording.cache.keys == {} and recording.cache.values == {}  # released when the call returned
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_no_state_leaks_between_calls(model, cache):
+    """A cache instance reused across calls (and across prompt lengths) gives what a fresh one gives."""
+    instance = dlm_generation.DIFFUSION_CACHE_CLASSES[cache]()
+    kwargs = dict(max_new_tokens=16, steps=16, block_length=8, threshold=0.5, alg="low_confidence")
+    first = model.diffusion_generate(SHORT, past_key_values=instance, **kwargs)
+    second = model.diffusion_generate(PROMPT, past_key_values=instance, **kwargs)
+    again = model.diffusion_generate(SHORT, past_key_values=instance, **kwargs)
+    assert torch.equal(first, again)
+    assert torch.equal(second, model.diffusion_generate(PROMPT, cache_implementation=cache, **kwargs))
+
+
+def test_dual_cache_step_compiles_without_graph_breaks(model):
+    """The cached forward of a dual-cache step (block-sized query, preallocated keys/values written in place) is
+    captured by torch.compile as one graph (fullgraph=True raises on any graph break)."""
+    cache = DualCache()
+    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    cache.begin_generation(canvas, None)
+    cache.begin_block(10, 18)
+    cache.plan_step(canvas, 0)
+    model(canvas, past_key_values=cache)
+    plan = cache.plan_step(canvas, 1)
+    positions = torch.arange(plan.query_start, plan.query_end)[None]
+    eager = model(canvas[:, 10:18], past_key_values=cache, position_ids=positions).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    logits = compiled(input_ids=canvas[:, 10:18], past_key_values=cache, position_ids=positions).logits
+    assert torch.allclose(logits, eager, atol=1e-6)
