@@ -13,13 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dlm_generation
-from dlm_generation import CacheStep, DiffusionCache, DualCache, PrefixCache
+from dlm_generation import CacheStep, DiffusionCache, DualCache, FreeCache, PrefixCache
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 MASK, EOS, EOT = 500, 501, 502
 PROMPT = torch.tensor([[495, 65, 138, 430, 447, 294, 491, 416, 151, 336]])
 SHORT = torch.tensor([[271, 68, 306, 195, 186, 232, 56]])
-CACHES = ["prefix", "dual"]
+CACHES = ["prefix", "dual", "freecache"]
+# cache_config per cache in the behaviour tests: FreeCache with windows far smaller than the canvas.
+CACHE_CONFIGS = {"prefix": None, "dual": None, "freecache": {"window_left": 3, "window_right": 6}}
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
@@ -78,7 +80,7 @@ def test_cached_step_leaves_keys_outside_its_range_untouched(model, cls):
     block's first (full) step."""
     cache = cls()
     canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
-    cache.begin_generation(canvas, None)
+    cache.begin_generation(canvas, None, MASK)
     cache.begin_block(10, 18)
     cache.plan_step(canvas, 0)
     model(canvas, past_key_values=cache)
@@ -103,7 +105,7 @@ def test_cached_step_is_exact_when_nothing_changed(model, cls):
     cache = cls()
     canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
     canvas[0, 10:13] = torch.tensor([5, 6, 7])
-    cache.begin_generation(canvas, None)
+    cache.begin_generation(canvas, None, MASK)
     cache.begin_block(18, 26)
     cache.plan_step(canvas, 0)
     full = model(canvas, past_key_values=cache).logits
@@ -131,7 +133,8 @@ def test_left_padded_batch_rows_equal_their_solo_runs(model, cache, policy):
     batch = torch.cat([PROMPT, torch.cat([torch.full((1, 3), EOS), SHORT], 1)])
     mask = torch.ones_like(batch)
     mask[1, :3] = 0
-    kwargs = {"max_new_tokens": 16, "steps": 16, "block_length": 8, "cache_implementation": cache, **POLICIES[policy]}
+    kwargs = {"max_new_tokens": 16, "steps": 16, "block_length": 8, "cache_implementation": cache,
+              "cache_config": CACHE_CONFIGS[cache], **POLICIES[policy]}
     together = model.diffusion_generate(batch, attention_mask=mask, **kwargs)
     assert together[0].tolist() == model.diffusion_generate(PROMPT, **kwargs)[0].tolist()
     assert together[1, 3:].tolist() == model.diffusion_generate(SHORT, **kwargs)[0].tolist()
@@ -139,7 +142,7 @@ def test_left_padded_batch_rows_equal_their_solo_runs(model, cache, policy):
         assert not (together[:, 10:] == MASK).any()
 
 
-@pytest.mark.parametrize("cache", CACHES)
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_one_block_per_step_equals_no_cache(cache):
     """LLaDA: a cache whose blocks finish in their first (full) step never uses a stale value, so the tokens equal
     no cache. (Dream cannot finish a cached block in one step: see the next test.)"""
@@ -168,7 +171,7 @@ def test_dream_commits_the_block_start_at_the_full_step():
 @pytest.mark.parametrize("cache", CACHES)
 def test_cache_memory_is_batch_canvas_layers_heads_dim_and_freed(model, cache):
     cls = dlm_generation.DIFFUSION_CACHE_CLASSES[cache]
-    recording = Recording(cls())
+    recording = Recording(cls(CACHE_CONFIGS[cache]))
     batch = torch.cat([PROMPT, PROMPT])
     model.diffusion_generate(batch, max_new_tokens=16, steps=16, block_length=8, past_key_values=recording.cache)
     config = model.config
@@ -176,7 +179,12 @@ def test_cache_memory_is_batch_canvas_layers_heads_dim_and_freed(model, cache):
     kv_heads = getattr(config, "num_key_value_heads", None) or config.n_kv_heads
     head_dim = (getattr(config, "hidden_size", None) or config.d_model) // (
         getattr(config, "num_attention_heads", None) or config.n_heads)
-    assert {shape for _, shape in recording.stored} == {(2, kv_heads, 26, head_dim)}
+    stored = {shape for _, shape in recording.stored}
+    if cache == "freecache":  # attends to the keys up to its window end
+        assert {shape[:2] + shape[3:] for shape in stored} == {(2, kv_heads, head_dim)}
+        assert max(shape[2] for shape in stored) == 26
+    else:
+        assert stored == {(2, kv_heads, 26, head_dim)}
     assert {layer for layer, _ in recording.stored} == set(range(layers))
     assert recording.cache.keys == {} and recording.cache.values == {}  # released when the call returned
 
@@ -184,13 +192,14 @@ def test_cache_memory_is_batch_canvas_layers_heads_dim_and_freed(model, cache):
 @pytest.mark.parametrize("cache", CACHES)
 def test_no_state_leaks_between_calls(model, cache):
     """A cache instance reused across calls (and across prompt lengths) gives what a fresh one gives."""
-    instance = dlm_generation.DIFFUSION_CACHE_CLASSES[cache]()
+    instance = dlm_generation.DIFFUSION_CACHE_CLASSES[cache](CACHE_CONFIGS[cache])
     kwargs = dict(max_new_tokens=16, steps=16, block_length=8, threshold=0.5, alg="low_confidence")
     first = model.diffusion_generate(SHORT, past_key_values=instance, **kwargs)
     second = model.diffusion_generate(PROMPT, past_key_values=instance, **kwargs)
     again = model.diffusion_generate(SHORT, past_key_values=instance, **kwargs)
     assert torch.equal(first, again)
-    assert torch.equal(second, model.diffusion_generate(PROMPT, cache_implementation=cache, **kwargs))
+    fresh = model.diffusion_generate(PROMPT, cache_implementation=cache, cache_config=CACHE_CONFIGS[cache], **kwargs)
+    assert torch.equal(second, fresh)
 
 
 def test_dual_cache_step_compiles_without_graph_breaks(model):
@@ -198,7 +207,7 @@ def test_dual_cache_step_compiles_without_graph_breaks(model):
     captured by torch.compile as one graph (fullgraph=True raises on any graph break)."""
     cache = DualCache()
     canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
-    cache.begin_generation(canvas, None)
+    cache.begin_generation(canvas, None, MASK)
     cache.begin_block(10, 18)
     cache.plan_step(canvas, 0)
     model(canvas, past_key_values=cache)
@@ -209,3 +218,47 @@ def test_dual_cache_step_compiles_without_graph_breaks(model):
     compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
     logits = compiled(input_ids=canvas[:, 10:18], past_key_values=cache, position_ids=positions).logits
     assert torch.allclose(logits, eager, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({"steps": 16, "block_length": 8}, id="steps-blocks"),
+    pytest.param({"threshold": 0.3, "alg": "low_confidence"}, id="threshold-one-block"),
+])
+def test_freecache_with_a_window_over_everything_equals_no_cache(model, kwargs):
+    batch = torch.cat([PROMPT, torch.cat([torch.full((1, 3), EOS), SHORT], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    common = dict(max_new_tokens=16, return_dict_in_generate=True, **kwargs)
+    plain = model.diffusion_generate(batch, attention_mask=mask, **common)
+    cached = model.diffusion_generate(batch, attention_mask=mask, cache_implementation="freecache",
+                                      cache_config={"window_left": 1000, "window_right": None}, **common)
+    assert torch.equal(plain.sequences, cached.sequences) and plain.nfe == cached.nfe
+
+
+def test_freecache_runs_a_window_around_the_frontier(model):
+    """After the first (full) forward each step runs [last - left, last + right] around the last committed position
+    before the first mask, attends to keys up to the window end only, and keeps everything left of it frozen."""
+    recording = Recording(FreeCache({"window_left": 2, "window_right": 5}))
+    frozen_checks = []
+    update = recording.cache.update
+
+    def checking_update(key, value, layer_idx):
+        step = recording.cache.current
+        before = recording.cache.keys.get(layer_idx)
+        before = None if before is None else before[:, :, : step.query_start].clone()
+        out = update(key, value, layer_idx)
+        if before is not None:
+            frozen_checks.append(torch.equal(recording.cache.keys[layer_idx][:, :, : step.query_start], before))
+        return out
+
+    recording.cache.update = checking_update
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=16, alg="low_confidence",
+                                   past_key_values=recording.cache, output_history=True, return_dict_in_generate=True)
+    assert not (out.sequences == MASK).any()
+    assert recording.plans[0][2] == CacheStep(0, 26, 26)
+    canvases = [torch.cat([PROMPT, torch.full((1, 16), MASK)], 1), *out.history]
+    for (_, _, plan), canvas in zip(recording.plans[1:], canvases[1:]):
+        masks = (canvas[0] == MASK).nonzero().flatten()
+        last = int(masks[0]) - 1
+        assert (plan.query_start, plan.query_end, plan.key_end) == (max(0, last - 2), min(26, last + 6), min(26, last + 6))
+    assert frozen_checks and all(frozen_checks)

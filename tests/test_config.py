@@ -177,6 +177,14 @@ VALIDATE_BRANCHES = [
                  r"\[\('x', 1\)\]", id="cache_config-not-dict"),
     pytest.param({"cache_implementation": "dual", "cache_config": {"x": 1}},
                  r"cache_config key 'x' is not a setting of the 'dual' cache \(its keys: none\)", id="cache_config-dual-key"),
+    pytest.param({"cache_implementation": "freecache", "cache_config": {"window_left": -1}},
+                 r"cache_config window_left of the 'freecache' cache must be a non-negative integer, got -1",
+                 id="freecache-negative"),
+    pytest.param({"cache_implementation": "freecache", "cache_config": {"window_right": 2.5}},
+                 r"cache_config window_right of the 'freecache' cache must be a positive integer \(or None: every "
+                 r"remaining position\), got 2.5", id="freecache-float"),
+    pytest.param({"cache_implementation": "freecache", "cache_config": {"window_right": 0}},
+                 r"window_right of the 'freecache' cache must be a positive integer", id="freecache-right-zero"),
     pytest.param({"cache_implementation": "freecache", "cache_config": {"window": 8}},
                  r"cache_config key 'window' is not a setting of the 'freecache' cache \(its keys: \['window_left', "
                  r"'window_right'\]\)", id="cache_config-freecache-key"),
@@ -519,7 +527,7 @@ def test_diffusion_cache_instance_accepted(llada):
     calls = []
 
     class RecordingCache(DiffusionCache):
-        def begin_generation(self, canvas, attention_mask):
+        def begin_generation(self, canvas, attention_mask, mask_token_id):
             calls.append(canvas.shape)
 
     out = llada.diffusion_generate(prompt(), max_new_tokens=4, steps=2, past_key_values=RecordingCache(),

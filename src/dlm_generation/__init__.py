@@ -12,7 +12,7 @@ from .configuration_dream import DreamConfig
 from .configuration_llada import LLaDAConfig
 from .diffusion_cache import CacheStep, DiffusionCache
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
-from .diffusion_kv_caches import DualCache, PrefixCache
+from .diffusion_kv_caches import DualCache, FreeCache, PrefixCache
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
 from .modeling_dream import DreamModel
 from .modeling_llada import LLaDAModelLM
@@ -32,6 +32,7 @@ __all__ = [
     "CacheStep",
     "DiffusionCache",
     "DualCache",
+    "FreeCache",
     "DiffusionGenerateOutput",
     "DiffusionGenerationConfig",
     "DiffusionGenerationMixin",

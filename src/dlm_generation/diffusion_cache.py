@@ -41,11 +41,19 @@ KNOWN_CACHE_IMPLEMENTATIONS = tuple(CACHE_CONFIG_DEFAULTS)
 @dataclass(frozen=True)
 class CacheStep:
     """What one forward computes: the model runs canvas positions [query_start, query_end) and they attend to the
-    keys of positions [0, key_end) (the cache supplies those outside the query range)."""
+    keys of positions [0, key_end) (the cache supplies those outside the query range).
+
+    A cache whose rows need different ranges (a batch in which each row has its own window) runs their union and
+    says per row which of it is the row's own: `row_queries` (batch, query_end - query_start) marks the positions
+    whose fresh keys/values and logits count for that row (the others keep what the cache holds and cannot be
+    committed), and `row_keys` (batch, key_end) the keys the row may attend to. None means every row, everywhere.
+    """
 
     query_start: int
     query_end: int
     key_end: int
+    row_queries: torch.Tensor | None = None
+    row_keys: torch.Tensor | None = None
 
 
 class DiffusionCache:
@@ -65,8 +73,9 @@ class DiffusionCache:
         self.canvas_length = 0
 
     # ----------------------------------------------------------------------------------------- loop side
-    def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Called once before the first step, with the initial canvas (batch, length) and the padding mask."""
+    def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int) -> None:
+        """Called once before the first step, with the initial canvas (batch, length), the padding mask (or None)
+        and the mask id."""
         self.canvas_length = canvas.shape[1]
 
     def begin_block(self, block_start: int, block_end: int) -> None:
@@ -102,4 +111,11 @@ def resolve_cache_config(name: str, cache_config: dict | None) -> dict[str, Any]
             known = sorted([*resolved, *aliases]) or "none"
             raise ValueError(f"cache_config key {key!r} is not a setting of the {name!r} cache (its keys: {known}).")
         resolved[canonical] = value
+    if name == "freecache":
+        for key, least in (("window_left", 0), ("window_right", 1)):
+            value = resolved[key]
+            if (value is not None or key == "window_left") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < least):
+                kind = "a non-negative integer" if least == 0 else "a positive integer (or None: every remaining position)"
+                raise ValueError(f"cache_config {key} of the 'freecache' cache must be {kind}, got {value!r}.")
     return resolved

@@ -1,4 +1,5 @@
-"""Approximate KV caches that recompute a contiguous range of positions: Fast-dLLM's prefix and dual caches.
+"""Approximate KV caches that recompute a contiguous range of positions: Fast-dLLM's prefix and dual caches, and
+FlashDLM's FreeCache.
 
 Both keep the keys and values of every canvas position, per layer, in tensors allocated once per call
 (batch x kv_heads x canvas x head_dim), and write each step's fresh keys/values into them in place, so the steps of
@@ -10,6 +11,10 @@ refreshes everything and also decodes); later steps of the block run:
 
 Positions before the block get no fresh logits after the block's first step; for a model whose logits are shifted
 (Dream) that includes the block's first position, which the loop therefore commits at that first step.
+
+FreeCache (`FreeCache`) recomputes the whole canvas only at the first step of the call; every later step runs a
+window around the decoding frontier (the last committed position before the first mask), keys and values left of
+the window stay frozen, and positions right of the window are left out of the forward altogether.
 
 This file travels with saved models, so it imports only torch and siblings.
 """
@@ -24,8 +29,8 @@ from .diffusion_cache import CacheStep, DiffusionCache
 class CanvasKVCache(DiffusionCache):
     """Per-layer keys and values of the whole canvas; subclasses choose the query range of the block's steps."""
 
-    def begin_generation(self, canvas, attention_mask):
-        super().begin_generation(canvas, attention_mask)
+    def begin_generation(self, canvas, attention_mask, mask_token_id):
+        super().begin_generation(canvas, attention_mask, mask_token_id)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.block_start, self.block_end = 0, self.canvas_length
@@ -56,8 +61,12 @@ class CanvasKVCache(DiffusionCache):
             self.values[layer_idx] = value.new_empty(shape)
         stored_values = self.values[layer_idx]
         step = self.current
-        stored_keys[:, :, step.query_start : step.query_end] = key
-        stored_values[:, :, step.query_start : step.query_end] = value
+        span = slice(step.query_start, step.query_end)
+        if step.row_queries is not None:  # a row keeps what it holds outside its own window
+            own = step.row_queries.repeat(key.shape[0] // step.row_queries.shape[0], 1)[:, None, :, None]
+            key, value = torch.where(own, key, stored_keys[:, :, span]), torch.where(own, value, stored_values[:, :, span])
+        stored_keys[:, :, span] = key
+        stored_values[:, :, span] = value
         return stored_keys[:, :, : step.key_end], stored_values[:, :, : step.key_end]
 
 
@@ -73,3 +82,41 @@ class DualCache(CanvasKVCache):
 
     def cached_step(self):
         return CacheStep(self.block_start, self.block_end, self.canvas_length)
+
+
+class FreeCache(CanvasKVCache):
+    """FlashDLM FreeCache: after one full forward, each step runs `[last - window_left, last + window_right]` around
+    the last committed position before the first mask (`window_right=None`: to the canvas end), attends to the
+    frozen keys/values left of it, and leaves everything right of it out. In a batch the window spans every
+    unfinished row's frontier. Finding the frontier costs one host synchronisation per step."""
+
+    def begin_generation(self, canvas, attention_mask, mask_token_id):
+        super().begin_generation(canvas, attention_mask, mask_token_id)
+        self.mask_token_id = mask_token_id
+        self.window_left = self.cache_config.get("window_left", 64)
+        self.window_right = self.cache_config.get("window_right")
+        self.started = False
+
+    def plan_step(self, canvas, step):
+        length = self.canvas_length
+        if not self.started:  # the first forward of the call refreshes everything
+            self.started = True
+            self.current = CacheStep(0, length, length)
+            return self.current
+        is_mask = canvas == self.mask_token_id
+        has_mask = is_mask.any(-1)
+        last = is_mask.long().argmax(-1) - 1  # per row: the last committed position before its first mask
+        starts = (last - self.window_left).clamp_min(0)
+        ends = torch.full_like(last, length) if self.window_right is None else (last + self.window_right + 1).clamp_max(length)
+        # The union over rows that still have masks (one host synchronisation).
+        start, end = torch.stack([torch.where(has_mask, starts, length).min(),
+                                  torch.where(has_mask, ends, 0).max()]).tolist()
+        end = max(end, start + 1)
+        positions = torch.arange(length, device=canvas.device)
+        row_keys = positions[:end] < ends[:, None]
+        row_queries = (positions[start:end] >= starts[:, None]) & row_keys[:, start:end]
+        self.current = CacheStep(start, end, end, row_queries, row_keys)
+        return self.current
+
+    def settled_before(self):
+        return 0  # the window starts left of the first mask: nothing eligible is ever frozen

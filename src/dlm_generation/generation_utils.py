@@ -167,7 +167,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         num_blocks = config.max_new_tokens // block_length
         steps_in_block = config.steps // num_blocks
         shift = self.diffusion_logits_shift
-        cache.begin_generation(canvas, padding_mask)
+        cache.begin_generation(canvas, padding_mask, mask_id)
         try:
             for block in range(num_blocks):
                 block_end = prompt_len + (block + 1) * block_length
@@ -186,14 +186,19 @@ class DiffusionGenerationMixin(GenerationMixin):
                 # reached; it turns a future policy bug into an error instead of a hang.
                 max_steps = steps_in_block + (block_end - window_start)
                 while True:
-                    plan = cache.plan_step(canvas, step)
-                    # Positions whose logits this forward computes (a shifted model reads position i at i - 1).
-                    step_start = max(window_start, plan.query_start + shift)
-                    window = canvas[:, step_start:block_end]
-                    eligible = (window == mask_id) & ~finished[:, None]
-                    remaining = eligible.sum(-1)
-                    if not bool((remaining > 0).any()):
+                    block_masks = (canvas[:, window_start:block_end] == mask_id) & ~finished[:, None]
+                    if not bool(block_masks.any()):
                         break
+                    plan = cache.plan_step(canvas, step)
+                    # The positions whose logits this forward computes (a shifted model reads position i at i - 1).
+                    step_start = max(window_start, plan.query_start + shift)
+                    step_end = min(block_end, plan.query_end + shift)
+                    window = canvas[:, step_start:step_end]
+                    eligible = block_masks[:, step_start - window_start : step_end - window_start]
+                    if plan.row_queries is not None:  # each row commits only where its own logits are fresh
+                        sources = torch.arange(step_start, step_end, device=canvas.device) - shift - plan.query_start
+                        eligible = eligible & plan.row_queries[:, sources]
+                    remaining = eligible.sum(-1)
                     if step >= max_steps:
                         raise RuntimeError(
                             f"diffusion_generate made no progress: block {block} still has masked positions after"
@@ -202,7 +207,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                         )
                     # 4.1-4.2 logits of the window
                     logits = self._window_logits(
-                        canvas, padding_mask, position_ids, uncond_prompt, cache, plan, step_start, block_end, config
+                        canvas, padding_mask, position_ids, uncond_prompt, cache, plan, step_start, step_end, config
                     )
                     nfe += 1
                     for processor in processors:
@@ -223,12 +228,12 @@ class DiffusionGenerationMixin(GenerationMixin):
                     unseen_later = cache.settled_before() + shift  # later steps of this block see no logits left of it
                     if unseen_later > step_start:
                         # A row with masks there commits exactly those now (its only chance), greedily or as drawn.
-                        forced = eligible & (torch.arange(step_start, block_end, device=canvas.device) < unseen_later)
+                        forced = eligible & (torch.arange(step_start, step_end, device=canvas.device) < unseen_later)
                         commit = torch.where(forced.any(-1, keepdim=True), forced, commit)
-                    canvas[:, step_start:block_end] = torch.where(commit, proposal.tokens, window)
+                    canvas[:, step_start:step_end] = torch.where(commit, proposal.tokens, window)
                     if confidences is not None:
-                        seen = confidences[:, step_start:block_end]
-                        confidences[:, step_start:block_end] = torch.where(commit, proposal.confidence.float(), seen)
+                        seen = confidences[:, step_start:step_end]
+                        confidences[:, step_start:step_end] = torch.where(commit, proposal.confidence.float(), seen)
                     cache.end_step()
                     step += 1
                     # 4.5 finished rows
@@ -403,18 +408,20 @@ class DiffusionGenerationMixin(GenerationMixin):
         return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------------------------------ 4. step helpers
-    def _window_logits(self, canvas, padding_mask, position_ids, uncond_prompt, cache, plan, window_start, block_end,
+    def _window_logits(self, canvas, padding_mask, position_ids, uncond_prompt, cache, plan, window_start, window_end,
                        config):
-        """Logits (batch, window, vocab) for canvas positions [window_start, block_end), shift and CFG applied.
+        """Logits (batch, window, vocab) for canvas positions [window_start, window_end), shift and CFG applied.
 
         The model runs the positions of the cache's plan, [plan.query_start, plan.query_end), attending to keys
-        [0, plan.key_end); `window_start` is at least `plan.query_start + shift`.
+        [0, plan.key_end); the window lies within the plan's positions moved right by the model's logit shift.
         """
         start, end = plan.query_start, plan.query_end
         shift = self.diffusion_logits_shift
         # Position i reads the prediction made at i - shift (position 0 reads its own).
-        keep = (torch.arange(window_start, block_end, device=canvas.device) - shift).clamp_min(0) - start
+        keep = (torch.arange(window_start, window_end, device=canvas.device) - shift).clamp_min(0) - start
         mask = padding_mask[:, : plan.key_end] if padding_mask is not None else None
+        if plan.row_keys is not None:
+            mask = plan.row_keys if mask is None else mask.bool() & plan.row_keys
         inputs, positions = canvas[:, start:end], position_ids[:, start:end]
         if uncond_prompt is not None:
             uncond = canvas.clone()
