@@ -262,3 +262,23 @@ def test_freecache_runs_a_window_around_the_frontier(model):
         last = int(masks[0]) - 1
         assert (plan.query_start, plan.query_end, plan.key_end) == (max(0, last - 2), min(26, last + 6), min(26, last + 6))
     assert frozen_checks and all(frozen_checks)
+
+
+def test_guide_example_cache_refreshing_every_step_equals_no_cache(model):
+    """examples/custom_cache.py (the worked example of docs/write-your-own-cache.md): refreshing at every step is a
+    full recompute, so it equals no cache exactly; refreshing every 2 steps runs a full forward on even steps."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "custom_cache.py"
+    spec = importlib.util.spec_from_file_location("custom_cache", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    kwargs = dict(max_new_tokens=16, steps=16, block_length=8, return_dict_in_generate=True)
+    plain = model.diffusion_generate(PROMPT, **kwargs)
+    every_step = model.diffusion_generate(PROMPT, past_key_values=example.RefreshingDualCache(1), **kwargs)
+    assert torch.equal(plain.sequences, every_step.sequences) and plain.nfe == every_step.nfe
+    recording = Recording(example.RefreshingDualCache(2))
+    model.diffusion_generate(PROMPT, past_key_values=recording.cache, **kwargs)
+    assert all((plan.query_end - plan.query_start == 26) == (step % 2 == 0) for _, step, plan in recording.plans)
+    with pytest.raises(ValueError, match="refresh_every must be a positive integer, got 0"):
+        example.RefreshingDualCache(0)
