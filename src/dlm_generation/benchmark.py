@@ -44,6 +44,12 @@ NAMED_CONFIGS: dict[str, dict] = {
     "factor-1.0": {"alg": "low_confidence", "factor": 1.0},
     "factor-1.0+eos": {"alg": "low_confidence", "factor": 1.0, "eos_early_stop": True},
 }
+THRESHOLD_EOS = {"alg": "low_confidence", "threshold": 0.9, "eos_early_stop": True}
+for _cache in ("prefix", "dual", "freecache"):  # each cache alone, with threshold 0.9, and with early stop too
+    NAMED_CONFIGS[_cache] = {"cache_implementation": _cache}
+    NAMED_CONFIGS[f"{_cache}+threshold-0.9"] = {"cache_implementation": _cache, "alg": "low_confidence",
+                                                 "threshold": 0.9}
+    NAMED_CONFIGS[f"{_cache}+threshold-0.9+eos"] = {"cache_implementation": _cache, **THRESHOLD_EOS}
 # Set by the benchmark itself; a configuration may not override them.
 RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_in_generate", "generation_config"}
 # Every diffusion configuration starts from this base (None = the model family's default, e.g. Dream's entropy).
@@ -333,12 +339,14 @@ def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, b
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("config", "gen", "batch", "accuracy", "NFE", "tok/fwd", "tok/s", "speedup", "+peak MiB", "overhead")
+    header = ("config", "gen", "batch", "accuracy", "NFE", "tok/fwd", "tok/s", "ms/tok", "speedup", "+peak MiB",
+              "overhead")
     lines = [header]
     for r in rows:
         lines.append((
             r.config, str(r.gen_length), str(r.batch_size), f"{100 * r.accuracy:.1f}%", f"{r.nfe:.1f}",
             f"{r.tokens_per_forward:.2f}", f"{r.tokens_per_second:.0f}",
+            f"{1000 / r.tokens_per_second:.1f}" if r.tokens_per_second else "-",
             "-" if r.speedup is None else f"{r.speedup:.2f}x",
             "-" if r.peak_memory_mib is None else f"{r.peak_memory_mib:.1f}",
             "-" if r.loop_overhead is None else f"{100 * r.loop_overhead:.0f}%",
