@@ -7,6 +7,7 @@ the first EOS is what a run without it writes), and it keeps the long canvases a
     vanilla-b32-g256     block 32, generation length 256
     vanilla-b32-g1024    block 32, generation length 1024
     threshold-b32-g256   Fast-dLLM threshold 0.9 (alg low_confidence), block 32, length 256
+    prefix-threshold-b32-g256, dual-threshold-b32-g256   the same with Fast-dLLM's prefix / dual KV cache
     vanilla-b8-g256      block 8, length 256
     vanilla-1block-g256  one block (the whole canvas), length 256
 
@@ -39,6 +40,8 @@ ROWS = {  # name -> (generation length, block length or None for one block, extr
     "vanilla-b32-g256": (256, 32, {}),
     "vanilla-b32-g1024": (1024, 32, {}),
     "threshold-b32-g256": (256, 32, THRESHOLD),
+    "prefix-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "prefix"}),
+    "dual-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "dual"}),
     "vanilla-b8-g256": (256, 8, {}),
     "vanilla-1block-g256": (256, None, {}),
 }

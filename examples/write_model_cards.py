@@ -149,6 +149,8 @@ ACCURACY_ROWS = {  # examples/evaluate_chain_arith.py rows -> how the card names
     "vanilla-b32-g256": "vanilla, block 32, gen 256",
     "vanilla-b32-g1024": "vanilla, block 32, gen 1024",
     "threshold-b32-g256": "threshold 0.9, block 32, gen 256",
+    "prefix-threshold-b32-g256": "threshold 0.9 + prefix cache, block 32, gen 256",
+    "dual-threshold-b32-g256": "threshold 0.9 + dual cache, block 32, gen 256",
     "vanilla-b8-g256": "vanilla, block 8, gen 256",
     "vanilla-1block-g256": "vanilla, one block, gen 256",
 }
