@@ -97,5 +97,61 @@ def test_train_resume_export(tmp_path, qwen2_folder, capsys):
     assert isinstance(model, dlm_generation.LLaDAModelLM) and model.config.n_layers == 3
     assert model.generation_config.block_length == train.RECOMMENDED["llada"]["block_length"]
     log = json.loads((folder / "training_log.json").read_text())
-    assert log["step"] == 4 and log["args"]["extra_layers"] == 1 and log["best_metric"]["block_length"] == 8
+    assert log["step"] == 4 and log["args"]["extra_layers"] == 1 and log["best_metric"]["block_length"] == 32
+    assert log["best_metric"]["gen_length"] == 256 and set(log["curve"][0]["dev_accuracies"]) == {"vanilla", "threshold"}
+    assert log["initialised_from"] is None  # the random Qwen2 source has no training log
     assert AutoTokenizer.from_pretrained(folder).mask_token_id == 3
+    assert not list(folder.glob("*.py"))  # loaded through the installed package
+
+
+def test_export_records_the_lineage_of_its_source(tmp_path, qwen2_folder, tokenizer):
+    """A run initialised from a trained folder keeps that folder's log (and its own source's, nested), read before
+    an export can overwrite the folder."""
+    (qwen2_folder / "training_log.json").write_text(json.dumps({"step": 7, "train_seconds": 60.0,
+                                                                 "args": {"init_from": None}}))
+    try:
+        out, folder = tmp_path / "run", tmp_path / "exported"
+        common = ["--kind", "dream", "--out", str(out), "--init-from", str(qwen2_folder), *TINY,
+                  "--skip-initial-eval", "--eval-every", "100"]
+        train.main([*common, "--steps", "1"])
+        (qwen2_folder / "training_log.json").unlink()  # what an export over the source folder would do
+        torch.save(torch.load(out / "checkpoint.pt", weights_only=False)["model"], out / "best.pt")
+        train.main([*common, "--steps", "1", "--export", str(folder)])
+        log = json.loads((folder / "training_log.json").read_text())
+        assert log["initialised_from"]["model"] == qwen2_folder.name
+        assert log["initialised_from"]["train_seconds"] == 60.0 and log["initialised_from"]["initialised_from"] is None
+    finally:
+        (qwen2_folder / "training_log.json").unlink(missing_ok=True)
+
+
+def test_decode_state_masks():
+    """Block rows: clean prefix, a partly masked block carrying the loss, masked suffix. Uniform rows: loss on every
+    masked position, the EOS padding after the answer weighted PAD_WEIGHT in all."""
+    rng = train.random.Random(0)
+    blocks = uniform = 0
+    for _ in range(400):
+        masked, weights = train.decode_state_mask(rng, answer=30, canvas=256, block_prob=0.75)
+        assert len(masked) == len(weights) == 256 and any(masked)
+        carrying = [i for i, w in enumerate(weights) if w]
+        if weights[-1] == 0:  # a block state: the loss sits on one block, everything after it is masked
+            blocks += 1
+            start, stop = carrying[0], carrying[-1] + 1
+            assert stop - start in train.BLOCK_LENGTHS and start % (stop - start) == 0
+            assert start <= 32 + 64  # at most the block after the one holding the first EOS
+            assert not any(masked[:start]) and all(masked[stop:]) and any(masked[start:stop])
+        else:
+            uniform += 1
+            assert weights[:30] == [1.0] * 30 and abs(sum(weights[30:]) - train.PAD_WEIGHT) < 1e-6
+    assert 250 < blocks < 350 and blocks + uniform == 400
+
+
+def test_diffusion_batches_keep_the_token_budget():
+    args = argparse.Namespace(seed=0, canvas_min=64, canvas_max=1024, tokens_per_step=6144)
+    canvases = []
+    for step in range(200):
+        problems, canvas = train.diffusion_batch(step, args)
+        assert 64 <= canvas <= 1024 and canvas % 8 == 0
+        assert len(problems) * (canvas + 40) <= 6144 or len(problems) <= 2
+        canvases.append(canvas)
+    assert min(canvases) < 100 and max(canvases) > 800  # log-uniform over the whole range
+    assert train.diffusion_batch(5, args)[0] == train.diffusion_batch(5, args)[0]  # deterministic in the step
