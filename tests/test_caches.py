@@ -282,3 +282,14 @@ def test_guide_example_cache_refreshing_every_step_equals_no_cache(model):
     assert all((plan.query_end - plan.query_start == 26) == (step % 2 == 0) for _, step, plan in recording.plans)
     with pytest.raises(ValueError, match="refresh_every must be a positive integer, got 0"):
         example.RefreshingDualCache(0)
+
+
+@pytest.mark.parametrize("cls, config, message", [
+    (PrefixCache, {"x": 1}, r"cache_config key 'x' is not a setting of the 'prefix' cache \(its keys: none\)"),
+    (DualCache, {"window_left": 4}, r"cache_config key 'window_left' is not a setting of the 'dual' cache"),
+    (FreeCache, {"window_left": -2}, r"window_left of the 'freecache' cache must be a non-negative integer, got -2"),
+])
+def test_cache_instances_check_their_settings(cls, config, message):
+    with pytest.raises(ValueError, match=message):
+        cls(config)
+    assert FreeCache().cache_config == {"window_left": 64, "window_right": None}  # the reference API's defaults

@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion_cache import CacheStep, DiffusionCache
+from .diffusion_cache import CacheStep, DiffusionCache, resolve_cache_config
 
 
 class CanvasKVCache(DiffusionCache):
     """Per-layer keys and values of the whole canvas; subclasses choose the query range of the block's steps."""
+
+    cache_name: str  # the `cache_implementation` name: its `cache_config` keys are checked and defaults filled in
+
+    def __init__(self, cache_config: dict | None = None):
+        super().__init__(resolve_cache_config(self.cache_name, cache_config))
 
     def begin_generation(self, canvas, attention_mask, mask_token_id):
         super().begin_generation(canvas, attention_mask, mask_token_id)
@@ -73,12 +78,16 @@ class CanvasKVCache(DiffusionCache):
 class PrefixCache(CanvasKVCache):
     """Fast-dLLM prefix cache: later steps of a block run the block and the suffix; the prefix is cached."""
 
+    cache_name = "prefix"
+
     def cached_step(self):
         return CacheStep(self.block_start, self.canvas_length, self.canvas_length)
 
 
 class DualCache(CanvasKVCache):
     """Fast-dLLM dual cache: later steps of a block run the block only; prefix and suffix are cached."""
+
+    cache_name = "dual"
 
     def cached_step(self):
         return CacheStep(self.block_start, self.block_end, self.canvas_length)
@@ -90,11 +99,13 @@ class FreeCache(CanvasKVCache):
     frozen keys/values left of it, and leaves everything right of it out. In a batch the window spans every
     unfinished row's frontier. Finding the frontier costs one host synchronisation per step."""
 
+    cache_name = "freecache"
+
     def begin_generation(self, canvas, attention_mask, mask_token_id):
         super().begin_generation(canvas, attention_mask, mask_token_id)
         self.mask_token_id = mask_token_id
-        self.window_left = self.cache_config.get("window_left", 64)
-        self.window_right = self.cache_config.get("window_right")
+        self.window_left = self.cache_config["window_left"]
+        self.window_right = self.cache_config["window_right"]
         self.started = False
 
     def plan_step(self, canvas, step):
