@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "model_cards" / "tiny-chain-arith-tokenizer"
 POOL_BATCHES = 16  # batches drawn together and bucketed by length (less padding)
 # Arguments that define a run's data and model; resuming with other values is refused.
-RUN_DEFINING = ("kind", "batch_size", "tokens_per_step", "canvas_min", "canvas_max", "block_prob", "seed", "hidden",
+RUN_DEFINING = ("kind", "batch_size", "tokens_per_step", "canvas_min", "canvas_max", "block_prob", "lookahead_weight",
+                "seed", "hidden",
                 "layers", "heads", "ffn", "qkv_bias", "init_from", "extra_layers")
 
 
@@ -247,13 +248,16 @@ def diffusion_batch(step: int, args: argparse.Namespace) -> tuple[list, int]:
     return train_problems(step * PROBLEMS_PER_STEP, step * PROBLEMS_PER_STEP + rows), canvas
 
 
-def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: float) -> tuple[list[bool], list[float]]:
+def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: float,
+                      lookahead_weight: float = 1.0) -> tuple[list[bool], list[float]]:
     """Which canvas positions are masked, and the loss weight of each, for one training row.
 
     With probability `block_prob` a *decode state* of semi-autoregressive decoding: a block length and a block are
     drawn (any block up to the one after the block holding the first EOS); everything before the block is clean,
     everything after it masked, and inside it either a clean left part (what left-to-right-ish decoding leaves)
-    or a random subset is masked; only the block's masked positions carry loss. Otherwise LLaDA's uniform masking
+    or a random subset is masked; only the block's masked positions carry loss: its first masked position (the
+    decoding frontier, whose prediction is what left-to-right-ish decoding commits) weight 1, the ones after it
+    `lookahead_weight`. Otherwise LLaDA's uniform masking
     over the whole canvas (ratio t ~ U(0, 1]); the EOS padding after the first EOS (positions >= `answer`)
     then carries PAD_WEIGHT in all, so long canvases do not drown the answer in EOS targets.
     """
@@ -270,7 +274,10 @@ def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: 
             chosen = set(rng.sample(range(size), rng.randint(1, size)))
             inside = [i in chosen for i in range(size)]
         masked = [False] * start + inside + [True] * (canvas - stop)
-        weights = [0.0] * start + [1.0] * size + [0.0] * (canvas - stop)
+        frontier = start + inside.index(True)
+        weights = [0.0] * canvas
+        weights[frontier] = 1.0
+        weights[frontier + 1 : stop] = [lookahead_weight] * (stop - frontier - 1)
         return masked, weights
     t = rng.uniform(1e-3, 1.0)
     masked = [rng.random() < t for _ in range(canvas)]
@@ -281,7 +288,8 @@ def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: 
     return masked, weights
 
 
-def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, seed: int, block_prob: float) -> torch.Tensor:
+def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, seed: int, block_prob: float,
+             lookahead_weight: float = 1.0) -> torch.Tensor:
     """Masked-diffusion loss on the states decoding visits (see `decode_state_mask`); the mean over rows of each
     row's weighted mean cross-entropy on its masked positions. Dream is shifted: the logits at i-1 predict i."""
     prompts, completions = encode(problems, tokenizer)
@@ -295,7 +303,7 @@ def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, seed: int, bloc
     for row, (p, c) in enumerate(zip(prompts, completions)):
         clean[row, : len(p) + len(c)] = torch.tensor(p + c)
         row_canvas = length - len(p)  # shorter prompts get a longer canvas (the batch shares one length)
-        row_masked, row_weights = decode_state_mask(rng, len(c), row_canvas, block_prob)
+        row_masked, row_weights = decode_state_mask(rng, len(c), row_canvas, block_prob, lookahead_weight)
         masked[row, len(p):] = torch.tensor(row_masked)
         weights[row, len(p):] = torch.tensor(row_weights)
     noisy = torch.where(masked, tokenizer.mask_token_id, clean)
@@ -416,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--canvas-max", type=int, default=1024, help="diffusion: longest EOS-padded canvas")
     parser.add_argument("--block-prob", type=float, default=0.75,
                         help="diffusion: share of rows masked as a semi-AR decode state (the rest: uniform masks)")
+    parser.add_argument("--lookahead-weight", type=float, default=1.0,
+                        help="diffusion: loss weight of a decode state's masked positions after its first one (1)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-problems", type=int, default=200)
     parser.add_argument("--eval-gen-length", type=int, default=256)
@@ -529,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             problems, canvas = diffusion_batch(state["step"], args)
             loss = mdm_loss(model, problems, tokenizer, args.kind, canvas, args.seed * 10**7 + state["step"],
-                            args.block_prob)
+                            args.block_prob, args.lookahead_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

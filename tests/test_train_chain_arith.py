@@ -143,6 +143,12 @@ def test_decode_state_masks():
             uniform += 1
             assert weights[:30] == [1.0] * 30 and abs(sum(weights[30:]) - train.PAD_WEIGHT) < 1e-6
     assert 250 < blocks < 350 and blocks + uniform == 400
+    # the decoding frontier (first masked position of the block) weighs 1, the look-ahead positions after it less
+    for _ in range(50):
+        masked, weights = train.decode_state_mask(rng, answer=30, canvas=256, block_prob=1.0, lookahead_weight=0.2)
+        carrying = [i for i, w in enumerate(weights) if w]
+        frontier = carrying[0]
+        assert masked[frontier] and not any(masked[:frontier]) and set(weights[frontier + 1:]) <= {0.0, 0.2}
 
 
 def test_diffusion_batches_keep_the_token_budget():
