@@ -133,12 +133,12 @@ def test_decode_state_masks():
         masked, weights = train.decode_state_mask(rng, answer=30, canvas=256, block_prob=0.75)
         assert len(masked) == len(weights) == 256 and any(masked)
         carrying = [i for i, w in enumerate(weights) if w]
-        if weights[-1] == 0:  # a block state: the loss sits on one block, everything after it is masked
+        if weights[-1] == 0:  # a block state: the loss sits in one block, everything after it is masked
             blocks += 1
-            start, stop = carrying[0], carrying[-1] + 1
-            assert stop - start in train.BLOCK_LENGTHS and start % (stop - start) == 0
-            assert start <= 32 + 64  # at most the block after the one holding the first EOS
-            assert not any(masked[:start]) and all(masked[stop:]) and any(masked[start:stop])
+            frontier, stop = carrying[0], carrying[-1] + 1
+            assert stop % 8 == 0 and stop - frontier <= max(train.BLOCK_LENGTHS)
+            assert frontier < 32 + 64 + 64  # at most the block after the one holding the first EOS
+            assert masked[frontier] and not any(masked[:frontier]) and all(masked[stop:])
         else:
             uniform += 1
             assert weights[:30] == [1.0] * 30 and abs(sum(weights[30:]) - train.PAD_WEIGHT) < 1e-6
