@@ -74,21 +74,33 @@ def test_each_step_recomputes_what_the_method_says(model, name, cls):
     assert not (out.sequences == MASK).any()
 
 
+def after_full_step(model, cache: DiffusionCache, block: tuple[int, int], canvas: torch.Tensor | None = None):
+    """The cache after the first (full) step of `block` on `canvas` (default: PROMPT and 16 masks)."""
+    if canvas is None:
+        canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    cache.begin_generation(canvas, None, MASK)
+    cache.begin_block(*block)
+    cache.plan_step(canvas, 0)
+    model(canvas, past_key_values=cache)
+    return canvas
+
+
+def cached_forward(model, cache: DiffusionCache, canvas: torch.Tensor, step: int = 1):
+    """The model run as the cache plans `step`: its query range, attending through the cache."""
+    plan = cache.plan_step(canvas, step)
+    return model(canvas[:, plan.query_start:plan.query_end], past_key_values=cache,
+                 position_ids=torch.arange(plan.query_start, plan.query_end)[None]).logits, plan
+
+
 @pytest.mark.parametrize("cls", [PrefixCache, DualCache])
 def test_cached_step_leaves_keys_outside_its_range_untouched(model, cls):
     """A cached step writes fresh keys/values only inside its query range; everything else keeps the values of the
     block's first (full) step."""
     cache = cls()
-    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
-    cache.begin_generation(canvas, None, MASK)
-    cache.begin_block(10, 18)
-    cache.plan_step(canvas, 0)
-    model(canvas, past_key_values=cache)
+    canvas = after_full_step(model, cache, (10, 18))
     before = {layer: tensor.clone() for layer, tensor in cache.keys.items()}
     canvas[0, 12] = 7  # a commit in the block changes what the block computes
-    plan = cache.plan_step(canvas, 1)
-    model(canvas[:, plan.query_start:plan.query_end], past_key_values=cache,
-          position_ids=torch.arange(plan.query_start, plan.query_end)[None])
+    _, plan = cached_forward(model, cache, canvas)
     for layer, tensor in cache.keys.items():
         outside = torch.ones(26, dtype=torch.bool)
         outside[plan.query_start:plan.query_end] = False
@@ -105,13 +117,9 @@ def test_cached_step_is_exact_when_nothing_changed(model, cls):
     cache = cls()
     canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
     canvas[0, 10:13] = torch.tensor([5, 6, 7])
-    cache.begin_generation(canvas, None, MASK)
-    cache.begin_block(18, 26)
-    cache.plan_step(canvas, 0)
-    full = model(canvas, past_key_values=cache).logits
-    plan = cache.plan_step(canvas, 1)
-    partial = model(canvas[:, plan.query_start:plan.query_end], past_key_values=cache,
-                    position_ids=torch.arange(plan.query_start, plan.query_end)[None]).logits
+    full = model(canvas).logits
+    after_full_step(model, cache, (18, 26), canvas)
+    partial, plan = cached_forward(model, cache, canvas)
     assert torch.allclose(partial, full[:, plan.query_start:plan.query_end], atol=1e-5)
 
 
@@ -206,14 +214,9 @@ def test_dual_cache_step_compiles_without_graph_breaks(model):
     """The cached forward of a dual-cache step (block-sized query, preallocated keys/values written in place) is
     captured by torch.compile as one graph (fullgraph=True raises on any graph break)."""
     cache = DualCache()
-    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
-    cache.begin_generation(canvas, None, MASK)
-    cache.begin_block(10, 18)
-    cache.plan_step(canvas, 0)
-    model(canvas, past_key_values=cache)
-    plan = cache.plan_step(canvas, 1)
+    canvas = after_full_step(model, cache, (10, 18))
+    eager, plan = cached_forward(model, cache, canvas)
     positions = torch.arange(plan.query_start, plan.query_end)[None]
-    eager = model(canvas[:, 10:18], past_key_values=cache, position_ids=positions).logits
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
     logits = compiled(input_ids=canvas[:, 10:18], past_key_values=cache, position_ids=positions).logits
