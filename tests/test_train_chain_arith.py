@@ -98,7 +98,7 @@ def test_train_resume_export(tmp_path, qwen2_folder, capsys):
     assert model.generation_config.block_length == train.RECOMMENDED["llada"]["block_length"]
     log = json.loads((folder / "training_log.json").read_text())
     assert log["step"] == 4 and log["args"]["extra_layers"] == 1 and log["best_metric"]["block_length"] == 32
-    assert log["best_metric"]["gen_length"] == 256 and set(log["curve"][0]["dev_accuracies"]) == {"vanilla", "threshold"}
+    assert log["best_metric"]["gen_length"] == 256 and set(log["curve"][0]["dev_accuracies"]) == {"vanilla", "threshold", "left-to-right"}
     assert log["initialised_from"] is None  # the random Qwen2 source has no training log
     assert AutoTokenizer.from_pretrained(folder).mask_token_id == 3
     assert not list(folder.glob("*.py"))  # loaded through the installed package
