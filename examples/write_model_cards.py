@@ -27,8 +27,9 @@ DECODE_STATES = (
     "with EOS to a canvas drawn log-uniformly from 64 to 1024 positions (EOS positions are trained targets, as in "
     "LLaDA's SFT), the prompt is never masked, and three rows in four are a *decode state* (a block length of "
     "8/16/32/64 and a block up to the one after the first EOS; everything before the block clean, everything after it "
-    "masked, inside it a clean left part or a random subset masked; loss on the block's masked positions), the "
-    "fourth uniformly masked over the whole canvas (ratio t ~ U(0, 1); the EOS padding weighted as 16 tokens in all)"
+    "masked, inside it a clean left part or a random subset masked; loss on the block's masked positions: the first, "
+    "the decoding frontier, with weight 1, those after it with weight {lookahead}), the fourth uniformly masked over "
+    "the whole canvas (ratio t ~ U(0, 1); the EOS padding weighted as 16 tokens in all)"
 )
 
 MODELS = {
@@ -234,7 +235,7 @@ def card(name: str, info: dict, reports: list[dict]) -> str:
         "ids = tokenizer(prompt, return_tensors=\"pt\").input_ids\n"
     )
     load += ("out = model.generate(ids, max_new_tokens=64, do_sample=False)\n" if is_ar else
-             "out = model.diffusion_generate(ids, max_new_tokens=64)  # the shipped generation_config.json\n")
+             "out = model.diffusion_generate(ids)  # the shipped generation_config.json\n")
     load += "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))"
     if not is_ar:
         load = "import dlm_generation  # registers the architecture (this folder holds no code)\n" + load
@@ -270,7 +271,7 @@ with every digit its own token; `<|pad|>` 0, `<|startoftext|>` 1 (BOS, added by 
 
 ## Training
 
-- Objective: {info["objective"]}.{init}
+- Objective: {info["objective"].format(lookahead=args.get("lookahead_weight", 1.0))}.{init}
 - Data: the chain-arith train stream (`dlm_generation.tasks.train_problems`, seeds 10^9 + i, dev problems
   excluded), {data}.
 - Optimiser: AdamW (betas 0.9/0.98, weight decay 0.1), gradient clipping 1.0, linear warm-up then cosine decay of
