@@ -181,6 +181,13 @@ class Pass:
     seconds: float
 
 
+def prompt_batches(tokenizer, problems: list[ChainArithProblem], batch_size: int, device):
+    """(problems, tokenized prompts on `device`) in batches of `batch_size` (the tokenizer pads on its side)."""
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        yield chunk, tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+
+
 def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, batch_size: int,
           settings: dict | None = None, autoregressive: bool = False, sync: bool = False) -> Pass:
     """Decode `problems` in batches of `batch_size`.
@@ -191,9 +198,7 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
     """
     device = next(model.parameters()).device
     completions, calls, seconds = [], [], 0.0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        inputs = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+    for _, inputs in prompt_batches(tokenizer, problems, batch_size, device):
         prompt_len = inputs.input_ids.shape[1]
         counter = ForwardTimer(model, sync=False) if autoregressive else None
         began = time.perf_counter()
@@ -234,9 +239,7 @@ def calibration(model, tokenizer, problems: list[ChainArithProblem], gen_length:
     """
     device = next(model.parameters()).device
     confidence_all, correct_all = [], []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        inputs = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
+    for chunk, inputs in prompt_batches(tokenizer, problems, batch_size, device):
         out = model.diffusion_generate(inputs.input_ids, attention_mask=inputs.attention_mask,
                                        max_new_tokens=gen_length, return_dict_in_generate=True,
                                        output_confidences=True, **settings)
