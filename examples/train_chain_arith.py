@@ -58,7 +58,7 @@ TOKENIZER = ROOT / "model_cards" / "tiny-chain-arith-tokenizer"
 POOL_BATCHES = 16  # batches drawn together and bucketed by length (less padding)
 # Arguments that define a run's data and model; resuming with other values is refused.
 RUN_DEFINING = ("kind", "batch_size", "tokens_per_step", "canvas_min", "canvas_max", "block_prob", "lookahead_weight",
-                "seed", "hidden",
+                "hard_prob", "short_canvas_prob", "seed", "hidden",
                 "layers", "heads", "ffn", "qkv_bias", "init_from", "extra_layers")
 
 
@@ -240,16 +240,38 @@ def diffusion_batch(step: int, args: argparse.Namespace) -> tuple[list, int]:
     """The problems and canvas length of diffusion training step `step` (deterministic in the step).
 
     The canvas (completion + EOS padding) is drawn log-uniformly from [--canvas-min, --canvas-max] (a multiple of
-    8), and the number of rows keeps about --tokens-per-step tokens per step, so long canvases get few rows.
+    8), or with probability --short-canvas-prob uniformly from [--canvas-min, 2 * --canvas-min], and the number of rows keeps about --tokens-per-step tokens per step, so long canvases get few rows.
     """
     rng = random.Random(args.seed * 10**7 + step)
     canvas = 8 * round(math.exp(rng.uniform(math.log(args.canvas_min), math.log(args.canvas_max))) / 8)
+    if args.short_canvas_prob and rng.random() < args.short_canvas_prob:  # many rows: many decode states per step
+        canvas = 8 * rng.randint(args.canvas_min // 8, max(args.canvas_min // 8, 2 * args.canvas_min // 8))
     rows = max(2, min(PROBLEMS_PER_STEP, args.tokens_per_step // (canvas + 40)))
     return train_problems(step * PROBLEMS_PER_STEP, step * PROBLEMS_PER_STEP + rows), canvas
 
 
+def result_positions(completion: list[int], tokenizer) -> list[int]:
+    """Indices of the completion's computed digits: each result after ` =` and the answer after ` ####`.
+
+    These are the tokens that need the arithmetic (the rest is copied from the prompt or fixed format), so
+    decode states with the frontier on them teach what decoding gets wrong.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(completion)
+    text = [tokenizer.convert_tokens_to_string([piece]) for piece in pieces]
+    positions, after_sign = [], False
+    for index, piece in enumerate(text):
+        if piece.strip() in ("=", "####"):
+            after_sign = True
+        elif piece.strip().isdigit() and after_sign:
+            positions.append(index)
+        elif piece.strip():
+            after_sign = False
+    return positions
+
+
 def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: float,
-                      lookahead_weight: float = 1.0) -> tuple[list[bool], list[float]]:
+                      lookahead_weight: float = 1.0, hard: list[int] = (),
+                      hard_prob: float = 0.0) -> tuple[list[bool], list[float]]:
     """Which canvas positions are masked, and the loss weight of each, for one training row.
 
     With probability `block_prob` a *decode state* of semi-autoregressive decoding: a block length and a block are
@@ -257,12 +279,31 @@ def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: 
     everything after it masked, and inside it either a clean left part (what left-to-right-ish decoding leaves)
     or a random subset is masked; only the block's masked positions carry loss: its first masked position (the
     decoding frontier, whose prediction is what left-to-right-ish decoding commits) weight 1, the ones after it
-    `lookahead_weight`. Otherwise LLaDA's uniform masking
+    `lookahead_weight`. With probability `hard_prob` a decode state is centred on one of the `hard` positions (the
+    computed digits, see `result_positions`) instead: the block is the one holding it, it is masked (the frontier in
+    the contiguous case) and carries weight 1. Otherwise LLaDA's uniform masking
     over the whole canvas (ratio t ~ U(0, 1]); the EOS padding after the first EOS (positions >= `answer`)
     then carries PAD_WEIGHT in all, so long canvases do not drown the answer in EOS targets.
     """
     if rng.random() < block_prob:
         block = rng.choices(BLOCK_LENGTHS, BLOCK_WEIGHTS)[0]
+        if hard and hard_prob and rng.random() < hard_prob:
+            target = rng.choice(hard)
+            start = block * (target // block)
+            stop = min(canvas, start + block)
+            size = stop - start
+            if rng.random() < 0.5:
+                inside = [i >= target - start for i in range(size)]
+            else:
+                others = [i for i in range(size) if i != target - start]
+                chosen = set(rng.sample(others, rng.randint(0, len(others)))) | {target - start}
+                inside = [i in chosen for i in range(size)]
+            masked = [False] * start + inside + [True] * (canvas - stop)
+            frontier = start + inside.index(True)
+            weights = [0.0] * canvas
+            weights[frontier + 1 : stop] = [lookahead_weight * m for m in inside[frontier - start + 1:]]
+            weights[frontier] = weights[target] = 1.0
+            return masked, weights
         last = min((canvas - 1) // block, (answer - 1) // block + 1)
         start = block * rng.randint(0, last)
         stop = min(canvas, start + block)
@@ -289,7 +330,7 @@ def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: 
 
 
 def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, seed: int, block_prob: float,
-             lookahead_weight: float = 1.0) -> torch.Tensor:
+             lookahead_weight: float = 1.0, hard_prob: float = 0.0) -> torch.Tensor:
     """Masked-diffusion loss on the states decoding visits (see `decode_state_mask`); the mean over rows of each
     row's weighted mean cross-entropy on its masked positions. Dream is shifted: the logits at i-1 predict i."""
     prompts, completions = encode(problems, tokenizer)
@@ -303,7 +344,9 @@ def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, seed: int, bloc
     for row, (p, c) in enumerate(zip(prompts, completions)):
         clean[row, : len(p) + len(c)] = torch.tensor(p + c)
         row_canvas = length - len(p)  # shorter prompts get a longer canvas (the batch shares one length)
-        row_masked, row_weights = decode_state_mask(rng, len(c), row_canvas, block_prob, lookahead_weight)
+        hard = result_positions(c, tokenizer) if hard_prob else ()
+        row_masked, row_weights = decode_state_mask(rng, len(c), row_canvas, block_prob, lookahead_weight,
+                                                    hard, hard_prob)
         masked[row, len(p):] = torch.tensor(row_masked)
         weights[row, len(p):] = torch.tensor(row_weights)
     noisy = torch.where(masked, tokenizer.mask_token_id, clean)
@@ -432,6 +475,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="diffusion: share of rows masked as a semi-AR decode state (the rest: uniform masks)")
     parser.add_argument("--lookahead-weight", type=float, default=1.0,
                         help="diffusion: loss weight of a decode state's masked positions after its first one (1)")
+    parser.add_argument("--hard-prob", type=float, default=0.0,
+                        help="diffusion: share of decode states whose frontier is a computed digit (a result or"
+                             " the answer) rather than any position")
+    parser.add_argument("--short-canvas-prob", type=float, default=0.0,
+                        help="diffusion: share of steps whose canvas is drawn from [--canvas-min, 2 * --canvas-min]"
+                             " (more rows, so more decode states, per step)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-problems", type=int, default=200)
     parser.add_argument("--eval-gen-length", type=int, default=256)
@@ -545,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             problems, canvas = diffusion_batch(state["step"], args)
             loss = mdm_loss(model, problems, tokenizer, args.kind, canvas, args.seed * 10**7 + state["step"],
-                            args.block_prob, args.lookahead_weight)
+                            args.block_prob, args.lookahead_weight, args.hard_prob)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

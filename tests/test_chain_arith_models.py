@@ -169,3 +169,17 @@ def test_benchmark_rejects_ar_model_on_another_tokenizer(capsys):
     with pytest.raises(SystemExit):
         benchmark.main([str(CARDS / "tiny-random-llada"), "--ar-model", str(AR), "--problems", "1"])
     assert "different tokenizer" in capsys.readouterr().err
+
+
+def test_cost_scaling_table():
+    def row(config, gen, seconds, tokens=100.0):
+        return benchmark.Row(config=config, settings={}, gen_length=gen, batch_size=1, problems=4, accuracy=1.0,
+                             nfe=1.0, tokens_per_forward=1.0, tokens_per_second=tokens / seconds, seconds=seconds)
+
+    rows = [row("vanilla", 256, 1.0), row("dual", 256, 0.5), row("vanilla", 1024, 4.0), row("dual", 1024, 0.6)]
+    table = benchmark.format_scaling(rows)
+    lines = table.splitlines()
+    assert "ms/tok @256" in lines[0] and "ms/tok @1024" in lines[0] and "1024 / 256" in lines[0]
+    assert lines[2].split("|")[1:-1] == [" vanilla (batch 1) ", " 10.0        ", " 40.0         ", " 4.00x      "]
+    assert "1.20x" in lines[3]
+    assert benchmark.format_scaling(rows[:2]) is None  # one length: nothing to scale

@@ -152,7 +152,7 @@ def test_decode_state_masks():
 
 
 def test_diffusion_batches_keep_the_token_budget():
-    args = argparse.Namespace(seed=0, canvas_min=64, canvas_max=1024, tokens_per_step=6144)
+    args = argparse.Namespace(seed=0, canvas_min=64, canvas_max=1024, tokens_per_step=6144, short_canvas_prob=0.0)
     canvases = []
     for step in range(200):
         problems, canvas = train.diffusion_batch(step, args)
@@ -161,3 +161,37 @@ def test_diffusion_batches_keep_the_token_budget():
         canvases.append(canvas)
     assert min(canvases) < 100 and max(canvases) > 800  # log-uniform over the whole range
     assert train.diffusion_batch(5, args)[0] == train.diffusion_batch(5, args)[0]  # deterministic in the step
+
+
+def test_short_canvas_steps():
+    args = argparse.Namespace(seed=0, canvas_min=64, canvas_max=1024, tokens_per_step=6144, short_canvas_prob=0.5)
+    canvases = [train.diffusion_batch(step, args)[1] for step in range(400)]
+    short = sum(c <= 128 for c in canvases)
+    assert all(64 <= c <= 1024 and c % 8 == 0 for c in canvases)
+    assert 200 < short < 300 and max(canvases) > 800  # half the steps short, plus the log-uniform share below 128
+
+
+def test_result_positions_are_the_computed_digits(tokenizer):
+    problem = dev_split(1)[0]  # 97 - 21 = 76. 76 - 72 = 4. 4 + 49 = 53. 53 + 50 = 103. #### 103
+    _, (completion,) = train.encode([problem], tokenizer)
+    positions = train.result_positions(completion, tokenizer)
+    digits = "".join(tokenizer.decode([completion[i]]).strip() for i in positions)
+    assert digits == "".join(str(r) for r in problem.results) + str(problem.answer)
+
+
+def test_hard_decode_states_put_the_loss_on_a_computed_digit():
+    rng = train.random.Random(0)
+    hard = [9, 10, 21, 31, 32]
+    for _ in range(200):
+        masked, weights = train.decode_state_mask(rng, answer=52, canvas=256, block_prob=1.0, lookahead_weight=0.2,
+                                                  hard=hard, hard_prob=1.0)
+        targets = [i for i in hard if weights[i] == 1.0 and masked[i]]
+        assert targets, "one computed digit is masked and carries weight 1"
+        carrying = [i for i, w in enumerate(weights) if w]
+        frontier = carrying[0]
+        assert masked[frontier] and not any(masked[:frontier]) and weights[frontier] == 1.0
+        assert all(masked[frontier + max(train.BLOCK_LENGTHS):]) and set(weights) <= {0.0, 0.2, 1.0}
+    # hard_prob 0 draws exactly what it drew before the option existed
+    a, b = train.random.Random(3), train.random.Random(3)
+    assert [train.decode_state_mask(a, 52, 256, 0.75, 0.2) for _ in range(20)] == \
+        [train.decode_state_mask(b, 52, 256, 0.75, 0.2, hard, 0.0) for _ in range(20)]

@@ -341,6 +341,14 @@ def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, b
     return rows
 
 
+def markdown_table(lines: list[tuple[str, ...]]) -> str:
+    """A Markdown table from a header row and data rows, columns padded to their widest cell."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
 def format_table(rows: list[Row]) -> str:
     header = ("config", "gen", "batch", "accuracy", "NFE", "tok/fwd", "tok/s", "ms/tok", "speedup", "+peak MiB",
               "overhead")
@@ -354,10 +362,28 @@ def format_table(rows: list[Row]) -> str:
             "-" if r.peak_memory_mib is None else f"{r.peak_memory_mib:.1f}",
             "-" if r.loop_overhead is None else f"{100 * r.loop_overhead:.0f}%",
         ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
-    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return markdown_table(lines)
+
+
+def format_scaling(rows: list[Row]) -> str | None:
+    """Milliseconds per generated token of each configuration at each generation length (one table per batch size),
+    with the ratio of the longest length's cost to the shortest's; None with fewer than two lengths."""
+    lengths = sorted({r.gen_length for r in rows})
+    if len(lengths) < 2:
+        return None
+    tables = []
+    for batch_size in sorted({r.batch_size for r in rows}):
+        cost = {(r.config, r.gen_length): 1000 / r.tokens_per_second if r.tokens_per_second else None
+                for r in rows if r.batch_size == batch_size}
+        header = ("config", *(f"ms/tok @{g}" for g in lengths), f"{lengths[-1]} / {lengths[0]}")
+        lines = [header]
+        for config in dict.fromkeys(r.config for r in rows if r.batch_size == batch_size):
+            values = [cost.get((config, g)) for g in lengths]
+            ratio = values[-1] / values[0] if values[0] and values[-1] else None
+            lines.append((f"{config} (batch {batch_size})", *("-" if v is None else f"{v:.1f}" for v in values),
+                          "-" if ratio is None else f"{ratio:.2f}x"))
+        tables.append(markdown_table(lines))
+    return "\n\n".join(tables)
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
@@ -492,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chain-arith dev, {report['rows'][0]['problems']} problems, {args.model}, {args.device} {dtype}, "
           f"{report['machine']['threads']} threads, block_length {args.block_length}, median of {args.repeats}")
     print(format_table(rows))
+    scaling = format_scaling(rows)
+    if scaling:
+        print(f"\ncost per generated token by generation length:\n{scaling}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
