@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     bar = tqdm(total=args.steps, initial=state["step"], desc=args.kind, mininterval=20, file=sys.stdout)
     while state["step"] < args.steps and not stop["now"] and time.time() - started < args.minutes * 60:
-        step_start = time.time()
+        step_start = time.process_time()  # CPU time: a paused (SIGSTOP) or preempted run does not count
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state["step"], args)
         if args.kind == "ar":
@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        state["train_seconds"] += time.time() - step_start
+        state["train_seconds"] += (time.process_time() - step_start) / args.threads
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         state["running"] = running
         bar.update(1)

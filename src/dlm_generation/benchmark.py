@@ -317,6 +317,15 @@ class Candidate:
         )
 
 
+def one_block(settings: dict, gen_length: int) -> tuple[int, dict]:
+    """The generation length and settings of a cheap run of the same configuration: its first block only (the
+    whole length when the settings do not fix the block length and steps, e.g. the model's own defaults)."""
+    block = settings.get("block_length")
+    if not block or "steps" not in settings or settings["steps"] != gen_length or gen_length % block:
+        return gen_length, settings
+    return block, {**settings, "steps": block}
+
+
 def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, batch_size: int, repeats: int,
             log=print) -> list[Row]:
     """Rows for `candidates` on `problems`: per candidate a warm-up call and an instrumented pass, then timed
@@ -326,7 +335,9 @@ def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, b
     device = next(candidates[0].model.parameters()).device
     sync = device.type == "cuda"
     for candidate in candidates:
-        candidate.run(tokenizer, problems[:batch_size], gen_length, batch_size, sync)  # warm-up
+        short_length, short = one_block(candidate.settings, gen_length)  # warm-up: one block is enough
+        solve(candidate.model, tokenizer, problems[:batch_size], short_length, batch_size, short,
+              candidate.autoregressive, sync=sync)
         candidate.instrumented_pass(tokenizer, problems, gen_length, batch_size, sync)
         log(f"  {candidate.name} gen={gen_length} batch={batch_size}: accuracy "
             f"{accuracy(candidate.first.completions, problems):.3f}, {candidate.first.seconds:.2f}s")
@@ -460,8 +471,9 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
             for name, overrides in parsed:
                 settings = ({} if name == MODEL_DEFAULT else
                             {**BASE_CONFIG, "steps": gen_length, "block_length": block_length, **overrides})
-                try:  # fail fast, naming the configuration, before anything is timed
-                    solve(model, tokenizer, dev[:1], gen_length, 1, settings)
+                try:  # fail fast, naming the configuration, before anything is timed (one block is enough)
+                    short_length, short = one_block(settings, gen_length)
+                    solve(model, tokenizer, dev[:1], short_length, 1, short)
                 except ValueError as error:
                     raise ValueError(f"configuration {name!r} ({settings}) is invalid: {error}") from None
                 candidates.append(Candidate(name, model, settings))
