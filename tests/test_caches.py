@@ -19,9 +19,11 @@ CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 MASK, EOS, EOT = 500, 501, 502
 PROMPT = torch.tensor([[495, 65, 138, 430, 447, 294, 491, 416, 151, 336]])
 SHORT = torch.tensor([[271, 68, 306, 195, 186, 232, 56]])
-CACHES = ["prefix", "dual", "freecache"]
-# cache_config per cache in the behaviour tests: FreeCache with windows far smaller than the canvas.
-CACHE_CONFIGS = {"prefix": None, "dual": None, "freecache": {"window_left": 3, "window_right": 6}}
+CACHES = ["prefix", "dual", "freecache", "dllm"]
+# cache_config per cache in the behaviour tests: FreeCache with windows far smaller than the canvas, dLLM-Cache with
+# every kind of forward (full, response refresh, V-verify, prompt refresh) within a 16-token generation.
+CACHE_CONFIGS = {"prefix": None, "dual": None, "freecache": {"window_left": 3, "window_right": 6},
+                 "dllm": {"kp": 5, "kr": 3, "rou": 0.25}}
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
@@ -296,3 +298,163 @@ def test_cache_instances_check_their_settings(cls, config, message):
     with pytest.raises(ValueError, match=message):
         cls(config)
     assert FreeCache().cache_config == {"window_left": 64, "window_right": None}  # the reference API's defaults
+
+
+# ------------------------------------------------------------------------------------------------- dLLM-Cache
+def test_dllm_exact_settings_equal_no_cache(model):
+    """kp = kr = 1 refreshes everything at every forward: tokens and logits equal no cache (batch, threshold)."""
+    batch = torch.cat([PROMPT, torch.cat([torch.full((1, 3), EOS), SHORT], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, steps=16, block_length=8, threshold=0.3,
+                  alg="low_confidence", return_dict_in_generate=True)
+    plain = model.diffusion_generate(batch, **kwargs)
+    cached = model.diffusion_generate(batch, cache_implementation="dllm", cache_config={"kp": 1, "kr": 1}, **kwargs)
+    assert torch.equal(plain.sequences, cached.sequences) and plain.nfe == cached.nfe
+    canvas = plain.sequences.clone()
+    canvas[:, 20:] = MASK
+    cache = dlm_generation.DLLMCache({"kp": 1, "kr": 1})
+    cache.begin_generation(canvas, mask, MASK, prompt_length=10)
+    for _ in range(2):  # the second forward runs on the first one's cache
+        cache.plan_step(canvas, 0)
+        logits = model(canvas, attention_mask=torch.cat([mask, torch.ones(2, 16, dtype=mask.dtype)], 1),
+                       past_key_values=cache).logits
+    assert torch.allclose(logits, model(canvas, attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1]).expand(
+        -1, 16)], 1)).logits, atol=1e-5)
+
+
+def dllm_schedule(model, config: dict, forwards: int) -> list[list]:
+    """Per forward, per layer: the rows dLLM-Cache recomputed for one row (None: all of them)."""
+    cache = dlm_generation.DLLMCache(config)
+    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    cache.begin_generation(canvas, None, MASK, prompt_length=10)
+    cache.begin_block(10, 26)
+    schedule = []
+    for forward in range(forwards):
+        cache.plan_step(canvas, forward)
+        model(canvas, past_key_values=cache)
+        schedule.append([None if rows is None else rows[0][0][rows[1][0]].tolist()
+                         for _, rows in sorted(cache.rows.items())])
+        canvas[0, 10 + forward] = 7  # a commit per forward: the values drift
+    return schedule
+
+
+def test_dllm_refresh_schedule(model):
+    """Forward n refreshes the prompt when (n-1) % kp == 0 and the response when (n-1) % kr == 0; layer 0 always;
+    otherwise int(16 * rou) = 4 response rows (V-verify)."""
+    schedule = dllm_schedule(model, {"kp": 5, "kr": 3, "rou": 0.25}, 8)
+    layers = len(schedule[0])
+    assert all(forward[0] is None for forward in schedule)  # layer 0: always everything
+    assert schedule[0] == [None] * layers  # forward 1: everything
+    for n, forward in enumerate(schedule, start=1):
+        for rows in forward[1:]:
+            prompt_refresh, response_refresh = (n - 1) % 5 == 0, (n - 1) % 3 == 0
+            if prompt_refresh and response_refresh:
+                assert rows is None
+                continue
+            expected_prompt = list(range(10)) if prompt_refresh else []
+            assert rows[: len(expected_prompt)] == expected_prompt
+            response = rows[len(expected_prompt):]
+            if response_refresh:
+                assert response == list(range(10, 26)), n
+            else:
+                assert len(response) == 4 and all(10 <= r < 26 for r in response) and response == sorted(response)
+    assert dllm_schedule(model, {"kp": 100, "kr": 100, "rou": 0.0}, 3)[1][1] == []  # nothing to recompute
+
+
+def test_dllm_verify_picks_the_least_similar_values():
+    """V-verify recomputes the int(G * rou) response rows whose fresh values are least cosine-similar to the cached
+    ones (over all heads); the prompt is never verified."""
+    cache = dlm_generation.DLLMCache({"kp": 50, "kr": 50, "rou": 0.25})
+    canvas = torch.full((2, 12), MASK)
+    cache.begin_generation(canvas, None, MASK, prompt_length=4)
+    cache.begin_block(4, 12)
+    torch.manual_seed(0)
+    cached = torch.randn(2, 2, 12, 4)
+    cache.keys[1], cache.values[1] = cached.clone(), cached.clone()
+    for _ in range(2):  # the second forward verifies
+        cache.plan_step(canvas, 0)
+    fresh = cached.clone()
+    fresh[0, :, 6] *= -1  # opposite direction: similarity -1
+    fresh[0, :, 9] += 0.5 * torch.randn(2, 4)
+    fresh[1, :, 11] = torch.randn(2, 4)
+    fresh[1, :, 5] *= 3.0  # same direction, larger: similarity 1, not chosen
+    fresh[:, :, :4] = torch.randn(2, 2, 4, 4)  # the prompt drifts too, but is not verified
+    rows = cache.recompute_rows(1, fresh)
+    similarity = torch.nn.functional.cosine_similarity(fresh[:, :, 4:].transpose(1, 2).flatten(2),
+                                                       cached[:, :, 4:].transpose(1, 2).flatten(2), dim=-1)
+    expected = (similarity.topk(2, largest=False).indices + 4).sort().values
+    assert torch.equal(rows, expected)
+    assert rows[0].tolist() == [6, 9] and 11 in rows[1].tolist() and 5 not in rows[1].tolist()
+
+
+def test_dllm_verify_step_keeps_what_it_did_not_recompute(model):
+    """In a V-verify forward only the chosen rows' keys, attention and FFN outputs change; the values of every
+    response row are refreshed; the prompt keeps everything."""
+    cache = dlm_generation.DLLMCache({"kp": 50, "kr": 50, "rou": 0.25})
+    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    cache.begin_generation(canvas, None, MASK, prompt_length=10)
+    cache.begin_block(10, 26)
+    cache.plan_step(canvas, 0)
+    model(canvas, past_key_values=cache)
+    before = {name: {key: tensor.clone() for key, tensor in getattr(cache, name).items()}
+              for name in ("keys", "values", "outputs")}
+    canvas[0, 10:14] = torch.tensor([5, 6, 7, 8])
+    cache.plan_step(canvas, 1)
+    model(canvas, past_key_values=cache)
+    for layer in range(1, len(cache.keys)):
+        rows, valid = cache.rows[layer]
+        chosen = torch.zeros(26, dtype=torch.bool)
+        chosen[rows[0][valid[0]]] = True
+        assert chosen.sum() == 4 and not chosen[:10].any()
+        assert torch.equal(cache.keys[layer][:, :, ~chosen], before["keys"][layer][:, :, ~chosen])
+        assert not torch.equal(cache.keys[layer][:, :, chosen], before["keys"][layer][:, :, chosen])
+        assert torch.equal(cache.values[layer][:, :, :10], before["values"][layer][:, :, :10])
+        assert not torch.equal(cache.values[layer][:, :, 10:], before["values"][layer][:, :, 10:])
+        for name in ("attention", "ffn"):
+            now, then = cache.outputs[layer, name], before["outputs"][layer, name]
+            assert torch.equal(now[:, ~chosen], then[:, ~chosen]) and not torch.equal(now[:, chosen], then[:, chosen])
+
+
+def test_dllm_refresh_stores_what_a_full_forward_computes(model):
+    """After cached forwards, a full refresh leaves in the cache exactly the keys, values and outputs of a plain
+    forward of the same canvas."""
+    recorded = {}
+
+    class RecordingNull(DiffusionCache):
+        def update(self, key, value, layer_idx):
+            recorded["keys", layer_idx], recorded["values", layer_idx] = key, value
+            return key, value
+
+        def reuse(self, layer_idx, name, output):
+            recorded[name, layer_idx] = output
+            return output
+
+    cache = dlm_generation.DLLMCache({"kp": 3, "kr": 3, "rou": 0.25})
+    canvas = torch.cat([PROMPT, torch.full((1, 16), MASK)], 1)
+    cache.begin_generation(canvas, None, MASK, prompt_length=10)
+    cache.begin_block(10, 26)
+    for forward in range(4):  # forwards 1 and 4 refresh everything, 2 and 3 verify
+        cache.plan_step(canvas, forward)
+        model(canvas, past_key_values=cache)
+        canvas[0, 10 + forward] = 5 + forward
+    canvas[0, 13] = MASK  # the canvas of forward 4
+    model(canvas, past_key_values=RecordingNull())
+    for layer in range(len(cache.keys)):
+        assert torch.equal(cache.keys[layer], recorded["keys", layer])
+        assert torch.equal(cache.values[layer], recorded["values", layer])
+        for name in ("attention", "ffn"):
+            assert torch.equal(cache.outputs[layer, name], recorded[name, layer])
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"kp": 0}, r"kp of the 'dllm' cache must be a positive integer"),
+    ({"kr": 2.5}, r"kr of the 'dllm' cache must be a positive integer"),
+    ({"rou": 1.5}, r"rou of the 'dllm' cache must be a share between 0 and 1"),
+    ({"rho": -0.1}, r"rou of the 'dllm' cache must be a share between 0 and 1"),
+    ({"window_left": 3}, r"cache_config key 'window_left' is not a setting of the 'dllm' cache"),
+])
+def test_dllm_checks_its_settings(config, message):
+    with pytest.raises(ValueError, match=message):
+        dlm_generation.DLLMCache(config)
+    assert dlm_generation.DLLMCache({"rho": 0.5}).cache_config == {"kp": 50, "kr": 2, "rou": 0.5}

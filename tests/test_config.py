@@ -185,6 +185,11 @@ VALIDATE_BRANCHES = [
                  r"remaining position\), got 2.5", id="freecache-float"),
     pytest.param({"cache_implementation": "freecache", "cache_config": {"window_right": 0}},
                  r"window_right of the 'freecache' cache must be a positive integer", id="freecache-right-zero"),
+    pytest.param({"cache_implementation": "dllm", "cache_config": {"kr": 0}},
+                 r"cache_config kr of the 'dllm' cache must be a positive integer \(a refresh interval in forwards\), "
+                 r"got 0", id="dllm-kr-zero"),
+    pytest.param({"cache_implementation": "dllm", "cache_config": {"rho": 2}},
+                 r"cache_config rou of the 'dllm' cache must be a share between 0 and 1", id="dllm-rho-above-one"),
     pytest.param({"cache_implementation": "freecache", "cache_config": {"window": 8}},
                  r"cache_config key 'window' is not a setting of the 'freecache' cache \(its keys: \['window_left', "
                  r"'window_right'\]\)", id="cache_config-freecache-key"),
@@ -527,12 +532,12 @@ def test_diffusion_cache_instance_accepted(llada):
     calls = []
 
     class RecordingCache(DiffusionCache):
-        def begin_generation(self, canvas, attention_mask, mask_token_id):
-            calls.append(canvas.shape)
+        def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None):
+            calls.append((canvas.shape, prompt_length))
 
     out = llada.diffusion_generate(prompt(), max_new_tokens=4, steps=2, past_key_values=RecordingCache(),
                                    cache_implementation="dual")  # the instance overrides cache_implementation
-    assert out.shape == (1, 7) and calls == [(1, 7)]
+    assert out.shape == (1, 7) and calls == [((1, 7), 3)]
 
 
 @pytest.mark.parametrize("name", [n for n in KNOWN_CACHE_IMPLEMENTATIONS if n not in DIFFUSION_CACHE_CLASSES])

@@ -12,6 +12,7 @@ from .configuration_dream import DreamConfig
 from .configuration_llada import LLaDAConfig
 from .diffusion_cache import CacheStep, DiffusionCache
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
+from .diffusion_feature_caches import DLLMCache
 from .diffusion_kv_caches import DualCache, FreeCache, PrefixCache
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
 from .modeling_dream import DreamModel
@@ -31,6 +32,7 @@ __all__ = [
     "DIFFUSION_CACHE_CLASSES",
     "CacheStep",
     "DiffusionCache",
+    "DLLMCache",
     "DualCache",
     "FreeCache",
     "DiffusionGenerateOutput",

@@ -6,9 +6,13 @@ needs between steps. Two sides talk to it:
 * The denoising loop, through lifecycle hooks: `begin_generation` (once), `begin_block` (per semi-AR block),
   `plan_step` (before every forward: which positions to run, which keys to attend to), `end_step` (after the
   step's commits) and `end_generation` (frees what the cache holds).
-* The model, at exactly one point: `past_key_values.update(key, value, layer_idx)` inside attention (see
-  `modeling_diffusion_utils.diffusion_attention`), which receives the keys and values of the positions the step
-  runs and returns the keys and values to attend to.
+* The model, at four points per layer (the same in every model file):
+  - `recompute_rows(layer_idx, value)`: given the fresh values of every position of the forward, which rows the
+    layer recomputes (None: all of them; feature caches such as dLLM-Cache choose a subset per layer);
+  - `update(key, value, layer_idx)` inside attention (`modeling_diffusion_utils.diffusion_attention`): the keys
+    of the recomputed rows and the values of every row in, the keys and values to attend to out;
+  - `reuse(layer_idx, "attention" | "ffn", output)`: the recomputed rows' attention / FFN output in, the output
+    of every row of the forward out (the cache fills in the rows it did not recompute).
 
 `DiffusionCache` itself is the null cache: every step runs the whole canvas and nothing is stored. A real cache
 (`diffusion_kv_caches.py`) is a subclass that overrides only the hooks it needs and is registered under its
@@ -65,6 +69,8 @@ class DiffusionCache:
     * `settled_before()`: this block's later steps give no fresh logits left of this position (caches that freeze
       the prefix return the block start). The loop commits eligible masks there at the step that still sees them.
     * `update(key, value, layer_idx)`: store / splice keys and values (already rotated), return those to attend to.
+    * `recompute_rows(layer_idx, value)` and `reuse(layer_idx, name, output)`: recompute only some rows of a layer
+      and reuse cached attention / FFN outputs for the others (the null cache: every row, nothing reused).
     * `begin_generation`, `begin_block`, `end_step`, `end_generation`: reset, move, release state.
     """
 
@@ -73,10 +79,12 @@ class DiffusionCache:
         self.canvas_length = 0
 
     # ----------------------------------------------------------------------------------------- loop side
-    def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int) -> None:
-        """Called once before the first step, with the initial canvas (batch, length), the padding mask (or None)
-        and the mask id."""
+    def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int,
+                         prompt_length: int | None = None) -> None:
+        """Called once before the first step, with the initial canvas (batch, length), the padding mask (or None),
+        the mask id and the (left-padded) prompt length: positions from `prompt_length` on are generated."""
         self.canvas_length = canvas.shape[1]
+        self.prompt_length = canvas.shape[1] if prompt_length is None else prompt_length
 
     def begin_block(self, block_start: int, block_end: int) -> None:
         """Called when the loop moves to the block [block_start, block_end) of the canvas."""
@@ -96,9 +104,20 @@ class DiffusionCache:
         """Called when the call returns (also on error): release stored tensors."""
 
     # ----------------------------------------------------------------------------------------- model side
+    def recompute_rows(self, layer_idx: int, value: torch.Tensor) -> torch.Tensor | None:
+        """Model side, first in every layer: the rows (batch, n) of this forward that the layer recomputes, given the
+        fresh values of all of them (batch, kv_heads, length, head_dim); None = every row (the null cache)."""
+        return None
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model-side contact point: take this step's keys/values of one layer, return the ones to attend to."""
+        """Model side, in attention: this step's keys (of the recomputed rows) and values (of every row) of one
+        layer in, the keys and values to attend to out."""
         return key, value
+
+    def reuse(self, layer_idx: int, name: str, output: torch.Tensor) -> torch.Tensor:
+        """Model side, after attention (`name="attention"`) and after the FFN (`"ffn"`): the recomputed rows' output
+        (batch, n, hidden) in, the output of every row of the forward out (the null cache: unchanged)."""
+        return output
 
 
 def resolve_cache_config(name: str, cache_config: dict | None) -> dict[str, Any]:
@@ -118,4 +137,13 @@ def resolve_cache_config(name: str, cache_config: dict | None) -> dict[str, Any]
                     isinstance(value, bool) or not isinstance(value, int) or value < least):
                 kind = "a non-negative integer" if least == 0 else "a positive integer (or None: every remaining position)"
                 raise ValueError(f"cache_config {key} of the 'freecache' cache must be {kind}, got {value!r}.")
+    if name == "dllm":
+        for key in ("kp", "kr"):
+            if isinstance(resolved[key], bool) or not isinstance(resolved[key], int) or resolved[key] < 1:
+                raise ValueError(f"cache_config {key} of the 'dllm' cache must be a positive integer (a refresh"
+                                 f" interval in forwards), got {resolved[key]!r}.")
+        rou = resolved["rou"]
+        if isinstance(rou, bool) or not isinstance(rou, (int, float)) or not 0.0 <= rou <= 1.0:
+            raise ValueError(f"cache_config rou of the 'dllm' cache must be a share between 0 and 1 (the response"
+                             f" rows recomputed between refreshes), got {rou!r}.")
     return resolved

@@ -167,7 +167,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         num_blocks = config.max_new_tokens // block_length
         steps_in_block = config.steps // num_blocks
         shift = self.diffusion_logits_shift
-        cache.begin_generation(canvas, padding_mask, mask_id)
+        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len)
         try:
             for block in range(num_blocks):
                 block_end = prompt_len + (block + 1) * block_length

@@ -106,8 +106,8 @@ def diffusion_attention(
 ) -> torch.Tensor:
     """Bidirectional attention over (batch, heads, len, head_dim) tensors, grouped-query aware.
 
-    `past_key_values.update` is the single place where a model touches a diffusion cache: it receives this step's
-    keys and values (already rotated) and returns the keys and values to attend to. The null cache returns its
+    `past_key_values.update` receives this step's keys (of the rows the layer recomputes) and values (of every row
+    of the forward), already rotated, and returns the keys and values to attend to. The null cache returns its
     inputs unchanged.
     """
     key, value = past_key_values.update(key, value, layer_idx)
@@ -118,6 +118,21 @@ def diffusion_attention(
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, is_causal=False, scale=1.0 / math.sqrt(query.shape[-1])
     )
+
+
+def gather_rows(hidden_states: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The rows (positions) `rows` (batch, n) of `hidden_states` (batch, length, hidden); all of them for None."""
+    if rows is None:
+        return hidden_states
+    return hidden_states.gather(1, rows[..., None].expand(-1, -1, hidden_states.shape[-1]))
+
+
+def gather_rotary(rotary: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor | None):
+    """The rotary tables (batch, 1, length, head_dim) at the rows `rows` (batch, n); unchanged for None."""
+    if rows is None:
+        return rotary
+    index = rows[:, None, :, None].expand(-1, 1, -1, rotary[0].shape[-1])
+    return tuple(table.expand(rows.shape[0], -1, -1, -1).gather(2, index) for table in rotary)
 
 
 def select_logit_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ from .modeling_diffusion_utils import (
     DiffusionRotaryEmbedding,
     apply_rotary,
     diffusion_attention,
+    gather_rotary,
+    gather_rows,
     layer_inputs,
     select_logit_positions,
 )
@@ -53,15 +55,19 @@ class DreamAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: DiffusionCache,
     ) -> torch.Tensor:
-        batch, q_len, _ = hidden_states.shape
-        # (batch, q_len, hidden) -> (batch, heads, q_len, head_dim)
+        """Attention output (batch, rows, hidden) of the rows the cache recomputes (all by default), and those rows."""
+        batch, length, _ = hidden_states.shape
+        # (batch, len, hidden) -> (batch, heads, len, head_dim)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        rows = past_key_values.recompute_rows(self.layer_idx, v)
+        hidden_states = gather_rows(hidden_states, rows)
+        q_len = hidden_states.shape[1]
         q = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
+        cos, sin = gather_rotary(rotary, rows)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn = diffusion_attention(q, k, v, attention_mask, past_key_values, self.layer_idx)
-        return self.o_proj(attn.transpose(1, 2).reshape(batch, q_len, -1))
+        return self.o_proj(attn.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)), rows
 
 
 class DreamMLP(nn.Module):
@@ -84,10 +90,13 @@ class DreamDecoderLayer(nn.Module):
         self.post_attention_layernorm = DiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states, rotary, attention_mask, past_key_values) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), rotary, attention_mask, past_key_values
-        )
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        # The cache touches a layer at four points: which rows it recomputes (given their fresh values), the keys
+        # and values to attend to, and the attention / FFN outputs of the rows it does not recompute.
+        layer = self.self_attn.layer_idx
+        attn, rows = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, past_key_values)
+        hidden_states = hidden_states + past_key_values.reuse(layer, "attention", attn)
+        ffn = self.mlp(self.post_attention_layernorm(gather_rows(hidden_states, rows)))
+        return hidden_states + past_key_values.reuse(layer, "ffn", ffn)
 
 
 class DreamPreTrainedModel(PreTrainedModel):

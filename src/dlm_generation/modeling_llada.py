@@ -33,6 +33,8 @@ from .modeling_diffusion_utils import (
     DiffusionRotaryEmbedding,
     apply_rotary,
     diffusion_attention,
+    gather_rotary,
+    gather_rows,
     layer_inputs,
     select_logit_positions,
 )
@@ -65,19 +67,26 @@ class LLaDALlamaBlock(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: DiffusionCache,
     ) -> torch.Tensor:
-        batch, q_len, _ = hidden_states.shape
+        # The cache touches a layer at four points: which rows it recomputes (given their fresh values), the keys
+        # and values to attend to, and the attention / FFN outputs of the rows it does not recompute.
+        batch, length, _ = hidden_states.shape
         h = self.attn_norm(hidden_states)
-        # (batch, q_len, d_model) -> (batch, heads, q_len, head_dim)
+        # (batch, len, d_model) -> (batch, heads, len, head_dim)
+        v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        rows = past_key_values.recompute_rows(self.layer_idx, v)
+        h = gather_rows(h, rows)
+        q_len = h.shape[1]
         q = self.q_proj(h).view(batch, q_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(batch, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
+        cos, sin = gather_rotary(rotary, rows)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn = diffusion_attention(q, k, v, attention_mask, past_key_values, self.layer_idx)
-        hidden_states = hidden_states + self.attn_out(attn.transpose(1, 2).reshape(batch, q_len, -1))
+        attn = self.attn_out(attn.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim))
+        hidden_states = hidden_states + past_key_values.reuse(self.layer_idx, "attention", attn)
 
-        h = self.ff_norm(hidden_states)
-        return hidden_states + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        h = self.ff_norm(gather_rows(hidden_states, rows))
+        ffn = self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return hidden_states + past_key_values.reuse(self.layer_idx, "ffn", ffn)
 
 
 class LLaDAPreTrainedModel(PreTrainedModel):
