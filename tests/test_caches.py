@@ -19,11 +19,12 @@ CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 MASK, EOS, EOT = 500, 501, 502
 PROMPT = torch.tensor([[495, 65, 138, 430, 447, 294, 491, 416, 151, 336]])
 SHORT = torch.tensor([[271, 68, 306, 195, 186, 232, 56]])
-CACHES = ["prefix", "dual", "freecache", "dllm"]
+CACHES = ["prefix", "dual", "freecache", "dllm", "d2cache"]
 # cache_config per cache in the behaviour tests: FreeCache with windows far smaller than the canvas, dLLM-Cache with
-# every kind of forward (full, response refresh, V-verify, prompt refresh) within a 16-token generation.
+# every kind of forward (full, response refresh, V-verify, prompt refresh) within a 16-token generation, d2Cache
+# choosing 3 masked positions per step.
 CACHE_CONFIGS = {"prefix": None, "dual": None, "freecache": {"window_left": 3, "window_right": 6},
-                 "dllm": {"kp": 5, "kr": 3, "rou": 0.25}}
+                 "dllm": {"kp": 5, "kr": 3, "rou": 0.25}, "d2cache": {"current_k": 3, "inflate_w": 2}}
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])

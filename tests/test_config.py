@@ -532,8 +532,8 @@ def test_diffusion_cache_instance_accepted(llada):
     calls = []
 
     class RecordingCache(DiffusionCache):
-        def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None):
-            calls.append((canvas.shape, prompt_length))
+        def begin_generation(self, canvas, attention_mask, mask_token_id, **details):
+            calls.append((canvas.shape, details["prompt_length"]))
 
     out = llada.diffusion_generate(prompt(), max_new_tokens=4, steps=2, past_key_values=RecordingCache(),
                                    cache_implementation="dual")  # the instance overrides cache_implementation

@@ -41,7 +41,7 @@ SHARED_CODE = [
     "configuration_diffusion.py",
     "diffusion_cache.py",
     "diffusion_caches.py",
-    "diffusion_feature_caches.py",
+    "diffusion_adaptive_caches.py",
     "diffusion_kv_caches.py",
     "diffusion_strategies.py",
     "modeling_diffusion_utils.py",

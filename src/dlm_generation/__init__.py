@@ -10,9 +10,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_diffusion import DiffusionGenerationConfig
 from .configuration_dream import DreamConfig
 from .configuration_llada import LLaDAConfig
-from .diffusion_cache import CacheStep, DiffusionCache
+from .diffusion_cache import CacheStep, DiffusionCache, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
-from .diffusion_feature_caches import DLLMCache
+from .diffusion_adaptive_caches import D2Cache, DLLMCache
 from .diffusion_kv_caches import DualCache, FreeCache, PrefixCache
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
 from .modeling_dream import DreamModel
@@ -31,6 +31,7 @@ for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
 __all__ = [
     "DIFFUSION_CACHE_CLASSES",
     "CacheStep",
+    "D2Cache",
     "DiffusionCache",
     "DLLMCache",
     "DualCache",
@@ -43,4 +44,5 @@ __all__ = [
     "LLaDAConfig",
     "LLaDAModelLM",
     "PrefixCache",
+    "StepOutcome",
 ]

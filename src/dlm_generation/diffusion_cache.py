@@ -30,12 +30,14 @@ from typing import Any
 import torch
 
 # Every cache name the configuration accepts, with its `cache_config` keys and their defaults (DESIGN.md; the
-# defaults of the papers' code). `None` for freecache's window_right means "every remaining position".
+# defaults of the papers' code). `None` for freecache's window_right means "every remaining position". d2cache's
+# `certainty_prior` is this library's switch for the decoding half of d2Cache (confidence x certainty density);
+# False decodes with the scorer's plain confidence (for threshold / factor policies and semi-AR blocks).
 CACHE_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefix": {},
     "dual": {},
     "dllm": {"kp": 50, "kr": 2, "rou": 0.25},
-    "d2cache": {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0, "inflate_w": 4},
+    "d2cache": {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0, "inflate_w": 4, "certainty_prior": True},
     "freecache": {"window_left": 64, "window_right": None},
 }
 CACHE_CONFIG_ALIASES: dict[str, dict[str, str]] = {"dllm": {"rho": "rou"}}
@@ -46,6 +48,10 @@ KNOWN_CACHE_IMPLEMENTATIONS = tuple(CACHE_CONFIG_DEFAULTS)
 class CacheStep:
     """What one forward computes: the model runs canvas positions [query_start, query_end) and they attend to the
     keys of positions [0, key_end) (the cache supplies those outside the query range).
+
+    A cache that recomputes scattered positions gives `positions` (batch, n): each row runs exactly those canvas
+    positions (within [query_start, query_end); padded rows repeat positions marked False in `row_queries`), and
+    `row_queries` must be given too.
 
     A cache whose rows need different ranges (a batch in which each row has its own window) runs their union and
     says per row which of it is the row's own: `row_queries` (batch, query_end - query_start) marks the positions
@@ -58,6 +64,24 @@ class CacheStep:
     key_end: int
     row_queries: torch.Tensor | None = None
     row_keys: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+@dataclass
+class StepOutcome:
+    """What a denoising step did, for caches that choose the next step's positions from it (`end_step`).
+
+    `canvas` is the canvas after the step's commits; the other tensors cover the step's window, canvas positions
+    [start, end): `eligible` the masked positions the step could commit (fresh logits), `committed` those it
+    committed, `probability` the model's probability of the proposed token there (NaN where not computed).
+    """
+
+    canvas: torch.Tensor
+    start: int
+    end: int
+    eligible: torch.Tensor
+    committed: torch.Tensor
+    probability: torch.Tensor | None
 
 
 class DiffusionCache:
@@ -74,17 +98,23 @@ class DiffusionCache:
     * `begin_generation`, `begin_block`, `end_step`, `end_generation`: reset, move, release state.
     """
 
+    # Capabilities (the loop and the model read these flags; they never ask for a cache's type):
+    needs_attention_weights = False  # attention hands the head-averaged weights to `observe_attention`
+    needs_token_probability = False  # StepOutcome.probability is filled for every scorer (alg)
+
     def __init__(self, cache_config: dict | None = None):
         self.cache_config = dict(cache_config or {})
         self.canvas_length = 0
 
     # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int,
-                         prompt_length: int | None = None) -> None:
+                         prompt_length: int | None = None, logits_shift: int = 0) -> None:
         """Called once before the first step, with the initial canvas (batch, length), the padding mask (or None),
-        the mask id and the (left-padded) prompt length: positions from `prompt_length` on are generated."""
+        the mask id, the (left-padded) prompt length (positions from it on are generated) and the model's logit
+        shift (1 for Dream: position i's prediction is read at i - 1)."""
         self.canvas_length = canvas.shape[1]
         self.prompt_length = canvas.shape[1] if prompt_length is None else prompt_length
+        self.logits_shift = logits_shift
 
     def begin_block(self, block_start: int, block_end: int) -> None:
         """Called when the loop moves to the block [block_start, block_end) of the canvas."""
@@ -97,8 +127,14 @@ class DiffusionCache:
         """Positions left of this get no fresh logits in the current block's later steps (the null cache: none)."""
         return 0
 
-    def end_step(self) -> None:
-        """Called after the step's tokens were committed."""
+    def rescore(self, confidence: torch.Tensor, probability: torch.Tensor | None, canvas: torch.Tensor, start: int,
+                end: int) -> torch.Tensor:
+        """The scores the commit policy ranks the window [start, end) by, before this step's commits (the null
+        cache: the scorer's confidence unchanged; d2Cache's certainty prior multiplies in a density)."""
+        return confidence
+
+    def end_step(self, outcome: StepOutcome) -> None:
+        """Called after the step's tokens were committed, with what the step did."""
 
     def end_generation(self) -> None:
         """Called when the call returns (also on error): release stored tensors."""
@@ -113,6 +149,10 @@ class DiffusionCache:
         """Model side, in attention: this step's keys (of the recomputed rows) and values (of every row) of one
         layer in, the keys and values to attend to out."""
         return key, value
+
+    def observe_attention(self, layer_idx: int, weights: torch.Tensor) -> None:
+        """Model side, with `needs_attention_weights`: the head-averaged attention weights (batch, queries, keys)
+        of one layer of this forward."""
 
     def reuse(self, layer_idx: int, name: str, output: torch.Tensor) -> torch.Tensor:
         """Model side, after attention (`name="attention"`) and after the FFN (`"ffn"`): the recomputed rows' output
@@ -146,4 +186,19 @@ def resolve_cache_config(name: str, cache_config: dict | None) -> dict[str, Any]
         if isinstance(rou, bool) or not isinstance(rou, (int, float)) or not 0.0 <= rou <= 1.0:
             raise ValueError(f"cache_config rou of the 'dllm' cache must be a share between 0 and 1 (the response"
                              f" rows recomputed between refreshes), got {rou!r}.")
+    if name == "d2cache":
+        checks = {
+            "rollout_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
+                          "a share between 0 and 1 (the attention-rollout mass recomputed)"),
+            "current_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                          "a positive integer (masked positions recomputed per step)"),
+            "sigma": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                      "a positive number (the width of the certainty-density kernel)"),
+            "inflate_w": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                          "a non-negative integer (0: no inflation)"),
+            "certainty_prior": (lambda v: isinstance(v, bool), "True or False"),
+        }
+        for key, (valid, kind) in checks.items():
+            if not valid(resolved[key]):
+                raise ValueError(f"cache_config {key} of the 'd2cache' cache must be {kind}, got {resolved[key]!r}.")
     return resolved

@@ -34,8 +34,8 @@ class CanvasKVCache(DiffusionCache):
     def __init__(self, cache_config: dict | None = None):
         super().__init__(resolve_cache_config(self.cache_name, cache_config))
 
-    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None):
-        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length)
+    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
+        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.block_start, self.block_end = 0, self.canvas_length
@@ -101,8 +101,8 @@ class FreeCache(CanvasKVCache):
 
     cache_name = "freecache"
 
-    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None):
-        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length)
+    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
+        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
         self.mask_token_id = mask_token_id
         self.window_left = self.cache_config["window_left"]
         self.window_right = self.cache_config["window_right"]

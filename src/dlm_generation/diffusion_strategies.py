@@ -88,6 +88,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | N
 class Proposal:
     tokens: torch.LongTensor  # (batch, window)
     confidence: torch.Tensor  # (batch, window), higher = commit earlier
+    probability: torch.Tensor | None = None  # (batch, window) p(token), when computed (see propose_tokens)
 
 
 def propose_tokens(
@@ -98,6 +99,7 @@ def propose_tokens(
     top_p: float | None,
     confidence_excluded_ids: torch.Tensor | None = None,
     never_drawn_ids: torch.Tensor | None = None,
+    need_probability: bool = False,
 ) -> Proposal:
     """Draw a token at every position of `logits` (batch, window, vocab) and score it.
 
@@ -111,6 +113,8 @@ def propose_tokens(
     `never_drawn_ids` (the mask id: a committed mask would stay masked, and the loop would never end) are never
     drawn; they still count in the confidence distribution, so any step whose argmax is not among them matches the
     references bitwise.
+    `probability` is p(token) under the same distribution; it is computed for every scorer but `random` and
+    `origin`, and for those too with `need_probability` (caches that read it, such as d2Cache).
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if top_k is not None or (top_p is not None and top_p < 1):
@@ -124,21 +128,27 @@ def propose_tokens(
     else:
         tokens = drawn.argmax(-1)
 
-    if alg == "random":
-        return Proposal(tokens, torch.rand(tokens.shape, device=tokens.device))
-    if alg == "origin":
-        return Proposal(tokens, torch.zeros(tokens.shape, device=tokens.device))
+    if alg in ("random", "origin"):
+        confidence = (torch.rand(tokens.shape, device=tokens.device) if alg == "random"
+                      else torch.zeros(tokens.shape, device=tokens.device))
+        probability = None
+        if need_probability:
+            if confidence_excluded_ids is not None:
+                logits = logits.index_fill(-1, confidence_excluded_ids, NEG_INF)
+            probability = logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return Proposal(tokens, confidence, probability)
     if confidence_excluded_ids is not None:
         logits = logits.index_fill(-1, confidence_excluded_ids, NEG_INF)
     probs = logits.softmax(-1)
+    probability = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if alg == "topk_margin":
         top2 = probs.topk(2, dim=-1).values
         confidence = top2[..., 0] - top2[..., 1]
     elif alg == "entropy":
         confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
     else:  # low_confidence, maskgit_plus, confidence_threshold
-        confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return Proposal(tokens, confidence)
+        confidence = probability
+    return Proposal(tokens, confidence, probability)
 
 
 # ---------------------------------------------------------------------------------------------------- policies

@@ -29,7 +29,7 @@ from .configuration_diffusion import (
     check_known_kwargs,
     translate_aliases,
 )
-from .diffusion_cache import DiffusionCache, resolve_cache_config
+from .diffusion_cache import DiffusionCache, StepOutcome, resolve_cache_config
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_strategies import NEG_INF, StepContext, build_strategies, propose_tokens
 
@@ -167,7 +167,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         num_blocks = config.max_new_tokens // block_length
         steps_in_block = config.steps // num_blocks
         shift = self.diffusion_logits_shift
-        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len)
+        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=shift)
         try:
             for block in range(num_blocks):
                 block_end = prompt_len + (block + 1) * block_length
@@ -214,9 +214,11 @@ class DiffusionGenerationMixin(GenerationMixin):
                         logits = processor(canvas, logits)
                     # 4.3 proposals
                     proposal = propose_tokens(
-                        logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_index
+                        logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_index,
+                        need_probability=cache.needs_token_probability,
                     )
-                    confidence = torch.where(eligible, proposal.confidence, NEG_INF)
+                    scores = cache.rescore(proposal.confidence, proposal.probability, canvas, step_start, step_end)
+                    confidence = torch.where(eligible, scores, NEG_INF)
                     # 4.4 commit
                     ctx = StepContext(
                         step=step,
@@ -234,7 +236,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                     if confidences is not None:
                         seen = confidences[:, step_start:step_end]
                         confidences[:, step_start:step_end] = torch.where(commit, proposal.confidence.float(), seen)
-                    cache.end_step()
+                    cache.end_step(StepOutcome(canvas, step_start, step_end, eligible, commit, proposal.probability))
                     step += 1
                     # 4.5 finished rows
                     finished = self._update_finished(canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer)
@@ -422,16 +424,30 @@ class DiffusionGenerationMixin(GenerationMixin):
         mask = padding_mask[:, : plan.key_end] if padding_mask is not None else None
         if plan.row_keys is not None:
             mask = plan.row_keys if mask is None else mask.bool() & plan.row_keys
-        inputs, positions = canvas[:, start:end], position_ids[:, start:end]
+        if plan.positions is not None:  # scattered positions: run those, then read the window's logits from them
+            slots = torch.zeros((canvas.shape[0], end - start), dtype=torch.long, device=canvas.device)
+            slots.scatter_(1, plan.positions - start, torch.arange(plan.positions.shape[1], device=canvas.device)
+                           .expand_as(plan.positions))
+            keep = slots[:, keep]  # (batch, window): each window position's row in the forward (stale where unused)
+            inputs, positions = canvas.gather(1, plan.positions), position_ids.gather(1, plan.positions)
+        else:
+            inputs, positions = canvas[:, start:end], position_ids[:, start:end]
         if uncond_prompt is not None:
             uncond = canvas.clone()
             uncond[:, : uncond_prompt.shape[1]] = uncond_prompt
-            inputs = torch.cat([inputs, uncond[:, start:end]])
+            uncond_inputs = uncond.gather(1, plan.positions) if plan.positions is not None else uncond[:, start:end]
+            inputs = torch.cat([inputs, uncond_inputs])
             mask = torch.cat([mask, mask]) if mask is not None else None
             positions = torch.cat([positions, positions])
-        logits = self(
-            input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=keep
-        ).logits
+        if keep.dim() == 2:  # per-row rows of a scattered forward
+            hidden_rows = torch.cat([keep, keep]) if uncond_prompt is not None else keep
+            logits = self(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+            logits = logits.gather(1, hidden_rows[..., None].expand(-1, -1, logits.shape[-1]))
+        else:
+            logits = self(
+                input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                logits_to_keep=keep,
+            ).logits
         if uncond_prompt is not None:
             cond, uncond_logits = logits.chunk(2)
             logits = uncond_logits + (config.cfg_scale + 1) * (cond - uncond_logits)

@@ -115,9 +115,20 @@ def diffusion_attention(
     if n_rep > 1:
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, is_causal=False, scale=1.0 / math.sqrt(query.shape[-1])
-    )
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    if not past_key_values.needs_attention_weights:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=False, scale=scale)
+    # The cache reads the weights (d2Cache's attention rollout): one explicit softmax over the queries this forward
+    # runs, whose output is the attention output too (nothing is computed twice).
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(torch.float32) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = scores.softmax(-1)
+    past_key_values.observe_attention(layer_idx, weights.mean(1))
+    return torch.matmul(weights.to(value.dtype), value)
 
 
 def gather_rows(hidden_states: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,345 @@
+"""Feature caches: dLLM-Cache (arXiv 2506.06295), which reuses per-layer attention and FFN outputs and recomputes,
+per layer, only the rows that need it.
+
+Every step runs the whole canvas through every layer, but a layer recomputes attention and FFN only for some rows
+and takes the others' outputs from what it cached (hidden states are never cached: each layer still adds the
+cached or fresh outputs to its input). Per layer and position it keeps the keys and values (rotated), the
+attention output (after the output projection) and the FFN output, separately refreshed for the prompt and the
+response (the generated part):
+
+* forwards are counted from 1 over the whole call (not per block); forward n refreshes the prompt when
+  (n - 1) % kp == 0 and the response when (n - 1) % kr == 0, so the first forward refreshes everything. In a batch
+  each row counts only the forwards in which it still had masks in the block (the forwards of its solo run) and
+  follows its own schedule; every row runs as many rows as the row that needs most, and the results of the padding
+  rows are discarded, so each row of a batch equals its solo run;
+* layer 0 is refreshed at every forward, as in the reference code (the paper does not say so);
+* a forward that refreshes the response but not the prompt recomputes the response rows only; the prompt keeps its
+  cached keys, values and outputs;
+* a forward that does not refresh the response ("V-verify") computes the values of every response row, compares
+  them with the cached ones by cosine similarity (over all heads), and recomputes queries, keys, attention and FFN
+  for the int(response_length * rou) least similar rows; the new keys are written at those rows, the new values at
+  every response row; the other rows reuse their cached attention and FFN outputs.
+
+With kp = kr = 1 every forward refreshes everything and the cache equals no cache exactly. The step's logits come
+from every position, so every scorer, policy, schedule and block length works with it.
+
+This file travels with saved models, so it imports only torch and siblings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .diffusion_cache import CacheStep, DiffusionCache, resolve_cache_config
+
+
+def write_rows(stored: torch.Tensor, dim: int, rows: torch.Tensor, valid: torch.Tensor, fresh: torch.Tensor) -> None:
+    """stored[b, ..., rows[b, i], ...] = fresh[b, ..., i, ...] along `dim` where valid[b, i]; elsewhere stored keeps
+    its value (the rows of a batch padded to a common count)."""
+    shape = [1] * stored.dim()
+    shape[0], shape[dim] = rows.shape
+    expand = list(stored.shape)
+    expand[dim] = rows.shape[1]
+    index = rows.view(shape).expand(expand)
+    kept = stored.gather(dim, index)
+    stored.scatter_(dim, index, torch.where(valid.view(shape), fresh, kept))
+
+
+def padded_rows(chosen: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the positions where `chosen` (batch, length) is True, in order, padded to `count` with positions
+    where it is False; and which entries are real."""
+    order = torch.sort((~chosen).to(torch.int8), dim=-1, stable=True).indices[:, :count]
+    return order, chosen.gather(1, order)
+
+
+class DLLMCache(DiffusionCache):
+    """dLLM-Cache: long-interval prompt refresh (`kp`), short-interval response refresh (`kr`) and, in between,
+    recomputation of the `rou` share of response rows whose values drifted most (see the module docstring)."""
+
+    cache_name = "dllm"
+
+    def __init__(self, cache_config: dict | None = None):
+        super().__init__(resolve_cache_config(self.cache_name, cache_config))
+
+    # ----------------------------------------------------------------------------------------- loop side
+    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
+        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
+        self.mask_token_id = mask_token_id
+        self.block_start, self.block_end = self.prompt_length, self.canvas_length
+        self.forwards = torch.zeros(canvas.shape[0], dtype=torch.long, device=canvas.device)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.outputs: dict[tuple[int, str], torch.Tensor] = {}
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def begin_block(self, block_start, block_end):
+        self.block_start, self.block_end = block_start, block_end
+
+    def plan_step(self, canvas, step):
+        # Each row keeps its own schedule: it counts the forwards in which it still had masks in the block, which
+        # are exactly the forwards of its solo run, so a batch row equals its solo run.
+        self.active = (canvas[:, self.block_start:self.block_end] == self.mask_token_id).any(-1)
+        self.forwards += self.active.long()
+        passed = self.forwards - 1
+        self.refresh_prompt = self.active & (passed % self.cache_config["kp"] == 0)
+        self.refresh_response = self.active & (passed % self.cache_config["kr"] == 0)
+        response = self.canvas_length - self.prompt_length
+        self.verify_count = int(response * self.cache_config["rou"])
+        self.verify = self.active & ~self.refresh_response
+        counts = (self.refresh_prompt.long() * self.prompt_length + self.refresh_response.long() * response
+                  + self.verify.long() * self.verify_count)
+        self.counts = counts
+        self.most = int(counts.max())  # the step's one host synchronisation
+        self.everything = self.most == self.canvas_length and bool((counts == self.canvas_length).all())
+        return super().plan_step(canvas, step)
+
+    def end_generation(self):
+        self.keys, self.values, self.outputs, self.rows = {}, {}, {}, {}
+
+    # ----------------------------------------------------------------------------------------- model side
+    def _per_row(self, flags: torch.Tensor, batch: int) -> torch.Tensor:
+        """Per-row flags of the canvas rows for the forward's rows (CFG runs the canvas twice: cond, uncond)."""
+        return flags.repeat(batch // flags.shape[0])
+
+    def recompute_rows(self, layer_idx, value):
+        if self.everything or layer_idx == 0 or layer_idx not in self.keys:
+            self.rows[layer_idx] = None  # everything recomputed (layer 0 always, as in the reference)
+            return None
+        batch, _, length, _ = value.shape
+        prompt = self.prompt_length
+        is_prompt = torch.arange(length, device=value.device) < prompt
+        chosen = ((self._per_row(self.refresh_prompt, batch)[:, None] & is_prompt)
+                  | (self._per_row(self.refresh_response, batch)[:, None] & ~is_prompt))
+        if self.verify_count:  # V-verify: the response rows whose values drifted most from the cached ones
+            fresh = value[:, :, prompt:].transpose(1, 2).flatten(2)  # (batch, response, kv_heads * head_dim)
+            cached = self.values[layer_idx][:, :, prompt:].transpose(1, 2).flatten(2)
+            similarity = F.cosine_similarity(fresh.float(), cached.float(), dim=-1)
+            least = similarity.topk(self.verify_count, dim=-1, largest=False).indices + prompt
+            drifted = torch.zeros_like(chosen).scatter_(1, least, True)
+            chosen |= drifted & self._per_row(self.verify, batch)[:, None]
+        # Every row runs `most` rows: its own chosen ones in order, then (padding) unchosen ones whose results are
+        # discarded, so that padding never changes what a row computes.
+        self.rows[layer_idx] = padded_rows(chosen, self.most)
+        return self.rows[layer_idx][0]
+
+    def update(self, key, value, layer_idx):
+        selection = self.rows.get(layer_idx)
+        if selection is None:  # a full refresh: this forward's tensors become the cache (no copy)
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+            return key, value
+        rows, valid = selection
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        write_rows(keys, 2, rows, valid, key)
+        batch, prompt = key.shape[0], self.prompt_length
+        # Values: the prompt's when it is refreshed, every response row's when the response is refreshed or verified.
+        write_prompt = self._per_row(self.refresh_prompt, batch)[:, None, None, None]
+        verified = self.verify if self.cache_config["rou"] > 0 else torch.zeros_like(self.verify)
+        write_response = self._per_row(self.refresh_response | verified, batch)[:, None, None, None]
+        values[:, :, :prompt] = torch.where(write_prompt, value[:, :, :prompt], values[:, :, :prompt])
+        values[:, :, prompt:] = torch.where(write_response, value[:, :, prompt:], values[:, :, prompt:])
+        return keys, values
+
+    def reuse(self, layer_idx, name, output):
+        selection = self.rows.get(layer_idx)
+        if selection is None:
+            self.outputs[layer_idx, name] = output
+            return output
+        stored = self.outputs[layer_idx, name]
+        write_rows(stored, 1, *selection, output)
+        return stored
+
+
+# ---------------------------------------------------------------------------------------------------------- d2Cache
+def certainty_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
+    """d2Cache's certainty density of every generated position (batch, G): the Gaussian-weighted (`sigma`) share of
+    decoded neighbours. Left of the canvas counts as decoded; right of it as decoded when the last position is.
+    The normaliser is the kernel's sum over 6G positions, as in the reference's FFT formulation; contributions
+    beyond 8 sigma (below 1e-13) are left out."""
+    batch, length = decoded.shape
+    radius = min(length, math.ceil(8 * sigma))
+    signal = decoded.to(torch.float32)
+    extended = torch.cat([signal.new_ones(batch, radius), signal, signal[:, -1:].expand(batch, radius)], dim=1)
+    offsets = torch.arange(-radius, radius + 1, device=decoded.device, dtype=torch.float64)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    wide = torch.arange(-3 * length, 3 * length, device=decoded.device, dtype=torch.float64)
+    normaliser = torch.exp(-(wide**2) / (2 * sigma**2)).sum()
+    weighted = F.conv1d(extended[:, None], (kernel / normaliser).to(torch.float32)[None, None])[:, 0]
+    return weighted
+
+
+def nucleus_select(scores: torch.Tensor, top_p: float, allowed: torch.Tensor) -> torch.Tensor:
+    """Among `allowed` positions, the smallest set of highest `scores` whose normalised sum reaches `top_p`, and at
+    least one (the reference's rollout selection)."""
+    scores = torch.where(allowed, scores, 0.0)
+    shares = scores / (scores.sum(-1, keepdim=True) + 1e-9)
+    ordered, order = shares.sort(dim=-1, descending=True)
+    keep = ordered.cumsum(-1) <= top_p
+    keep[:, 0] = True
+    keep &= allowed.gather(1, order)
+    return torch.zeros_like(allowed).scatter_(1, order, keep)
+
+
+def inflate(chosen: torch.Tensor, width: int) -> torch.Tensor:
+    """Also choose every position between two chosen ones at most `width` apart (gap counted end to end)."""
+    length = chosen.shape[1]
+    index = torch.arange(length, device=chosen.device).expand_as(chosen)
+    following = torch.where(chosen, index, length).flip(-1).cummin(-1).values.flip(-1)
+    preceding = torch.where(chosen, index, -1).cummax(-1).values
+    gap = following - preceding
+    return chosen | ((gap <= width) & (preceding >= 0) & (following < length))
+
+
+class D2Cache(DiffusionCache):
+    """d2Cache (arXiv 2509.23094): keys and values of every position, per layer; after one full forward each step
+    recomputes only the positions chosen at the end of the previous step, attending to the cached rest.
+
+    The choice, made per row from what the step did (`end_step`):
+
+    1. the `current_k` masked positions with the highest confidence x certainty density, searched from the current
+       block to the first block boundary that holds `current_k` masks (the current block's masks first); for a
+       shifted model (Dream) the position before each, whose logits predict it;
+    2. every position committed in this step (its token changed, so its keys and values must);
+    3. the smallest set of the remaining positions whose attention-rollout importance (head-averaged attention,
+       identity added for the residual, rows renormalised, multiplied through the layers; column sums) reaches
+       `rollout_p` of the total;
+    4. with `inflate_w` > 0, every position between two chosen ones at most that far apart.
+
+    Only positions with fresh logits can be committed (the loop enforces it). Confidences are the model's token
+    probabilities, kept per position and updated whenever a position is recomputed while masked (the reference
+    keeps the first step's values forever, an indexing bug; see the README). Decoding uses the certainty prior
+    (scores = probability x density) unless `certainty_prior=False`.
+
+    The attention weights come from an explicit softmax over the queries a forward runs (the model calls
+    `observe_attention`), which is also the attention output; rollout costs O(queries x length) per layer: the
+    column sums are propagated as a vector through the layers instead of multiplying length x length matrices.
+
+    Batches: every row keeps its own selection and confidences; a row runs as many positions as the row that needs
+    most, the padding positions' results are discarded, and a row with no masks left in the block runs nothing of
+    its own, so each row equals its solo run.
+    """
+
+    cache_name = "d2cache"
+    needs_attention_weights = True
+    needs_token_probability = True
+
+    def __init__(self, cache_config: dict | None = None):
+        super().__init__(resolve_cache_config(self.cache_name, cache_config))
+
+    # ----------------------------------------------------------------------------------------- loop side
+    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
+        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
+        self.mask_token_id = mask_token_id
+        self.block_start, self.block_end = self.prompt_length, self.canvas_length
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.attention: dict[int, torch.Tensor] = {}
+        self.chosen: torch.Tensor | None = None  # (batch, length): positions the next step recomputes
+        self.confidence = torch.ones(canvas.shape[0], self.canvas_length - self.prompt_length,
+                                     device=canvas.device)  # never computed yet: neutral
+        self.current = CacheStep(0, self.canvas_length, self.canvas_length)
+
+    def begin_block(self, block_start, block_end):
+        self.block_start, self.block_end = block_start, block_end
+
+    def plan_step(self, canvas, step):
+        length = self.canvas_length
+        if self.chosen is None:  # the call's first forward: everything
+            self.current = CacheStep(0, length, length)
+            return self.current
+        active = (canvas[:, self.block_start:self.block_end] == self.mask_token_id).any(-1)
+        chosen = self.chosen & active[:, None]  # a row without masks in the block runs nothing of its own
+        count = max(1, int(chosen.sum(-1).max()))  # the step's host synchronisation
+        positions, _ = padded_rows(chosen, count)
+        self.current = CacheStep(0, length, length, row_queries=chosen, positions=positions)
+        return self.current
+
+    def settled_before(self):
+        return 0
+
+    def rescore(self, confidence, probability, canvas, start, end):
+        if not self.cache_config["certainty_prior"] or probability is None:
+            return confidence
+        prompt = self.prompt_length
+        density = certainty_density(canvas[:, prompt:] != self.mask_token_id, self.cache_config["sigma"])
+        return probability * density[:, start - prompt:end - prompt]
+
+    def end_step(self, outcome):
+        config, prompt, length = self.cache_config, self.prompt_length, self.canvas_length
+        batch, generated = outcome.canvas.shape[0], length - prompt
+        active = outcome.eligible.any(-1)
+        device = outcome.canvas.device
+        # confidences of the masked positions this step computed
+        fresh = torch.zeros(batch, generated, dtype=torch.bool, device=device)
+        fresh[:, outcome.start - prompt:outcome.end - prompt] = outcome.eligible
+        if outcome.probability is not None:
+            window = torch.zeros_like(self.confidence)
+            window[:, outcome.start - prompt:outcome.end - prompt] = outcome.probability.float()
+            self.confidence = torch.where(fresh, window, self.confidence)
+        remaining = outcome.canvas[:, prompt:] == self.mask_token_id
+        # 1. masked positions: confidence x certainty density, inside the search window
+        columns = torch.arange(generated, device=device)
+        block_start, block_size = self.block_start - prompt, self.block_end - self.block_start
+        enough = remaining.long().cumsum(-1) >= config["current_k"]
+        first_enough = torch.where(enough.any(-1), enough.long().argmax(-1), generated - 1)
+        search_end = (first_enough // block_size + 1) * block_size - 1
+        candidates = remaining & (columns >= block_start) & (columns <= search_end[:, None])
+        scores = self.confidence * certainty_density(~remaining, config["sigma"])
+        in_block = (columns >= block_start) & (columns < self.block_end - prompt)
+        scores = scores + in_block * scores.amax(-1, keepdim=True)  # the block's masks first (per row)
+        scores = torch.where(candidates, scores, float("-inf"))
+        top = scores.topk(min(config["current_k"], generated), dim=-1).indices
+        selected = torch.zeros_like(remaining).scatter_(1, top, True) & candidates
+        chosen = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        chosen[:, prompt - self.logits_shift:length - self.logits_shift] = selected  # a shifted model reads i at i - 1
+        # 2. every position committed this step
+        chosen[:, outcome.start:outcome.end] |= outcome.committed
+        # 3. attention rollout over the rest
+        chosen |= nucleus_select(self.rollout_importance(batch), config["rollout_p"], ~chosen)
+        # 4. inflation
+        if config["inflate_w"]:
+            chosen = inflate(chosen, config["inflate_w"])
+        self.chosen = chosen if self.chosen is None else torch.where(active[:, None], chosen, self.chosen)
+        self.attention = {}
+
+    def rollout_importance(self, batch: int) -> torch.Tensor:
+        """Column sums of the attention rollout of the last forward (batch, length): 1^T R_L ... R_1, where R_l is
+        the identity except at the rows the forward ran, which hold (attention + identity) / 2."""
+        step = self.current
+        importance = torch.ones(batch, self.canvas_length, device=next(iter(self.attention.values())).device)
+        for layer in sorted(self.attention, reverse=True):
+            weights = self.attention[layer][:batch].float()  # (batch, queries, keys); CFG's second half left out
+            keys = weights.shape[-1]
+            if step.positions is None:
+                rows = torch.arange(weights.shape[1], device=weights.device).expand(batch, -1)
+                valid = torch.ones_like(rows, dtype=torch.bool)
+            else:
+                rows, valid = step.positions, step.row_queries.gather(1, step.positions)
+            carried = importance.gather(1, rows) * valid  # u[q] of the rows that ran
+            update = 0.5 * torch.einsum("bq,bqk->bk", carried, weights)
+            importance = importance.clone()
+            importance[:, :keys] += update
+            importance.scatter_add_(1, rows, -0.5 * carried)
+        return importance
+
+    def end_generation(self):
+        self.keys, self.values, self.attention, self.chosen = {}, {}, {}, None
+
+    # ----------------------------------------------------------------------------------------- model side
+    def observe_attention(self, layer_idx, weights):
+        self.attention[layer_idx] = weights
+
+    def update(self, key, value, layer_idx):
+        step = self.current
+        if step.positions is None:  # a full forward: its tensors become the cache (no copy)
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+            return key, value
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        copies = key.shape[0] // step.positions.shape[0]  # CFG runs the canvas twice
+        rows = step.positions.repeat(copies, 1)
+        valid = step.row_queries.gather(1, step.positions).repeat(copies, 1)
+        write_rows(keys, 2, rows, valid, key)
+        write_rows(values, 2, rows, valid, value)
+        return keys[:, :, : step.key_end], values[:, :, : step.key_end]
