@@ -459,3 +459,201 @@ def test_dllm_checks_its_settings(config, message):
     with pytest.raises(ValueError, match=message):
         dlm_generation.DLLMCache(config)
     assert dlm_generation.DLLMCache({"rho": 0.5}).cache_config == {"kp": 50, "kr": 2, "rou": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------------- d2Cache
+from dlm_generation.diffusion_adaptive_caches import certainty_density, inflate, nucleus_select  # noqa: E402
+
+
+def reference_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The reference's definition, written densely: decoded left of the canvas, the last position's state right of
+    it (one canvas length each way), normalised by the kernel's sum over 6 canvas lengths."""
+    batch, length = decoded.shape
+    right = decoded[:, -1:].float().expand(batch, length)
+    extended = torch.cat([torch.ones(batch, length), decoded.float(), right], 1).double()
+    positions = torch.arange(length, 2 * length, dtype=torch.float64)
+    kernel = torch.exp(-((positions[:, None] - torch.arange(3 * length)) ** 2) / (2 * sigma**2))
+    normaliser = torch.exp(-(torch.arange(-3 * length, 3 * length, dtype=torch.float64) ** 2) / (2 * sigma**2)).sum()
+    return (extended @ kernel.T / normaliser).float()
+
+
+@pytest.mark.parametrize("length, sigma", [(40, 3.0), (40, 10.0), (16, 10.0)])
+def test_certainty_density_matches_the_reference_definition(length, sigma):
+    torch.manual_seed(0)
+    decoded = torch.rand(4, length) < 0.4
+    decoded[0, -1], decoded[1, -1] = True, False  # both right-boundary rules
+    assert torch.allclose(certainty_density(decoded, sigma), reference_density(decoded, sigma), atol=1e-6)
+
+
+def test_nucleus_select_and_inflate():
+    scores = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.05]])
+    allowed = torch.tensor([[True, True, True, True, False]])
+    # shares among the allowed: 0.526, 0.105, 0.316, 0.053: 0.5 of the mass needs only the first, 0.85 two
+    assert nucleus_select(scores, 0.5, allowed).tolist() == [[True, False, False, False, False]]
+    assert nucleus_select(scores, 0.85, allowed).tolist() == [[True, False, True, False, False]]
+    assert nucleus_select(scores, 0.0, allowed).sum() == 1  # at least one
+    assert not nucleus_select(scores, 1.0, allowed)[0, 4]  # never outside the allowed
+    chosen = torch.tensor([[True, False, False, True, False, False, False, True]])
+    assert inflate(chosen, 3).tolist() == [[True, True, True, True, False, False, False, True]]
+    assert inflate(chosen, 4).tolist() == [[True] * 8]
+    assert torch.equal(inflate(chosen, 2), chosen)
+
+
+def test_rollout_importance_equals_the_dense_product():
+    """Column sums of R_L ... R_1 (R: identity, with (attention + identity) / 2 at the rows a layer ran), computed as
+    a vector through the layers, equal the reference's length x length products."""
+    torch.manual_seed(0)
+    cache = dlm_generation.D2Cache()
+    canvas = torch.full((2, 12), MASK)
+    cache.begin_generation(canvas, None, MASK, prompt_length=4)
+    chosen = torch.rand(2, 12) < 0.4
+    chosen[:, 0] = True
+    count = int(chosen.sum(-1).max())
+    positions = torch.sort((~chosen).to(torch.int8), dim=-1, stable=True).indices[:, :count]
+    cache.current = CacheStep(0, 12, 12, row_queries=chosen, positions=positions)
+    layers = [torch.rand(2, count, 12).softmax(-1) for _ in range(3)]
+    for layer, weights in enumerate(layers):
+        cache.observe_attention(layer, weights)
+    rollout = torch.eye(12).expand(2, 12, 12)
+    for weights in layers:
+        effective = torch.eye(12).repeat(2, 1, 1)
+        for row in range(2):
+            for slot, position in enumerate(positions[row].tolist()):
+                if chosen[row, position]:
+                    effective[row, position] = weights[row, slot]
+        residual = effective + torch.eye(12)
+        rollout = (residual / residual.sum(-1, keepdim=True)) @ rollout
+    assert torch.allclose(cache.rollout_importance(2), rollout.sum(1), atol=1e-5)
+
+
+def d2cache_after_one_step(shift: int, config: dict) -> tuple[dlm_generation.D2Cache, torch.Tensor]:
+    """A d2Cache after a full first step on 4 prompt + 16 masked positions, told what the step did: positions 6 and 9
+    committed, probabilities rising to the right, attention concentrated on position 1."""
+    cache = dlm_generation.D2Cache(config)
+    canvas = torch.full((1, 20), MASK)
+    canvas[0, :4] = torch.tensor([11, 12, 13, 14])
+    cache.begin_generation(canvas, None, MASK, prompt_length=4, logits_shift=shift)
+    cache.begin_block(4, 20)
+    cache.plan_step(canvas, 0)
+    attention = torch.full((1, 20, 20), 0.01)
+    attention[:, :, 1] = 0.81
+    cache.observe_attention(0, attention)
+    eligible = torch.ones(1, 16, dtype=torch.bool)
+    committed = torch.zeros(1, 16, dtype=torch.bool)
+    committed[0, [2, 5]] = True
+    canvas[0, [6, 9]] = 7
+    probability = torch.linspace(0.1, 0.9, 16)[None]
+    cache.end_step(dlm_generation.StepOutcome(canvas, 4, 20, eligible, committed, probability))
+    return cache, canvas
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_d2cache_chooses_by_certainty_density_commits_and_rollout(shift):
+    config = {"current_k": 3, "sigma": 2.0, "rollout_p": 0.0, "inflate_w": 0}
+    cache, canvas = d2cache_after_one_step(shift, config)
+    remaining = canvas[0, 4:] == MASK
+    density = certainty_density(~remaining[None], 2.0)[0]
+    scores = torch.where(remaining, torch.linspace(0.1, 0.9, 16) * density, float("-inf"))
+    masked = (scores.topk(3).indices + 4 - shift).tolist()  # a shifted model recomputes the position before
+    expected = set(masked) | {6, 9} | {1}  # the committed positions, and the rollout's most important one
+    assert set(cache.chosen[0].nonzero().flatten().tolist()) == expected
+    plan = cache.plan_step(canvas, 1)
+    assert sorted(plan.positions[0].tolist()) == sorted(expected) and plan.row_queries[0].sum() == len(expected)
+
+
+def test_d2cache_search_window_and_inflation():
+    """The search for masked positions starts at the current block and ends at the first block boundary holding
+    current_k masks; inflation fills gaps of at most inflate_w."""
+    cache = dlm_generation.D2Cache({"current_k": 2, "sigma": 2.0, "rollout_p": 0.0, "inflate_w": 0})
+    canvas = torch.full((1, 20), MASK)
+    cache.begin_generation(canvas, None, MASK, prompt_length=4)
+    cache.begin_block(8, 12)  # generated positions 4..7: block 1 of 4
+    cache.plan_step(canvas, 0)
+    cache.observe_attention(0, torch.full((1, 20, 20), 0.05))
+    canvas[0, 4:8] = 7  # block 0 done
+    eligible = torch.zeros(1, 4, dtype=torch.bool)
+    cache.end_step(dlm_generation.StepOutcome(canvas, 8, 12, torch.ones(1, 4, dtype=torch.bool), eligible,
+                                              torch.full((1, 4), 0.5)))
+    masked = [p for p in cache.chosen[0].nonzero().flatten().tolist() if canvas[0, p] == MASK]
+    assert all(8 <= p < 12 for p in masked)  # inside the block: it holds 4 >= current_k masks
+    inflated = inflate(torch.tensor([[False, True, False, False, True]]), 3)
+    assert inflated.tolist() == [[False, True, True, True, True]]
+
+
+def test_d2cache_keeps_confidences_fresh():
+    """The reference writes the new confidences into a copy (`cache[mask][valid] = ...`), so they stay those of the
+    first step; here a masked position recomputed in a later step gets its new probability."""
+    cache, canvas = d2cache_after_one_step(0, {"current_k": 3, "rollout_p": 0.0})
+    first = cache.confidence.clone()
+    cache.plan_step(canvas, 1)
+    cache.observe_attention(0, torch.full((1, cache.current.positions.shape[1], 20), 0.05))
+    eligible = torch.zeros(1, 16, dtype=torch.bool)
+    eligible[0, 15] = True
+    cache.end_step(dlm_generation.StepOutcome(canvas, 4, 20, eligible, torch.zeros_like(eligible),
+                                              torch.full((1, 16), 0.25)))
+    assert cache.confidence[0, 15] == 0.25 and first[0, 15] != 0.25
+    assert torch.equal(cache.confidence[0, :15], first[0, :15])  # not recomputed: unchanged
+
+
+def test_d2cache_commits_only_recomputed_positions(model):
+    """After the first step, every position a step commits had fresh logits: it was recomputed (Dream: the position
+    before it was)."""
+    cache = dlm_generation.D2Cache({"current_k": 3})
+    plans = []
+    plan_step = cache.plan_step
+    cache.plan_step = lambda canvas, step: plans.append(plan_step(canvas, step)) or plans[-1]
+    out = model.diffusion_generate(PROMPT, max_new_tokens=16, steps=16, schedule="linear", past_key_values=cache,
+                                   output_history=True, return_dict_in_generate=True)
+    shift = model.diffusion_logits_shift
+    assert plans[0].positions is None and not (out.sequences == MASK).any()
+    for plan, before, after in zip(plans[1:], out.history, out.history[1:]):
+        committed = ((before == MASK) & (after != MASK))[0].nonzero().flatten()
+        assert len(committed) == 1
+        assert all(plan.row_queries[0, position - shift] for position in committed.tolist())
+        assert plan.positions.shape[1] < 26  # a partial forward
+
+
+def test_d2cache_recomputing_everything_equals_no_cache(model):
+    """rollout_p = 1 chooses every position at every step; with the plain scorer the tokens are those of no cache
+    (the explicit attention softmax agrees with SDPA to float precision)."""
+    kwargs = dict(max_new_tokens=16, steps=16, alg="low_confidence", return_dict_in_generate=True)
+    plain = model.diffusion_generate(PROMPT, **kwargs)
+    cached = model.diffusion_generate(PROMPT, cache_implementation="d2cache",
+                                      cache_config={"rollout_p": 1.0, "certainty_prior": False}, **kwargs)
+    assert torch.equal(plain.sequences, cached.sequences) and plain.nfe == cached.nfe
+
+
+def test_attention_weights_for_the_cache_match_sdpa(model):
+    """A cache that reads attention weights gets (batch, queries, keys) rows summing to 1, and the explicit softmax
+    gives the logits SDPA gives."""
+    seen = {}
+
+    class Watching(DiffusionCache):
+        needs_attention_weights = True
+
+        def observe_attention(self, layer_idx, weights):
+            seen[layer_idx] = weights
+
+    batch = torch.cat([PROMPT, torch.cat([torch.full((1, 3), EOS), SHORT], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    plain = model(batch, attention_mask=mask).logits
+    watched = model(batch, attention_mask=mask, past_key_values=Watching()).logits
+    assert torch.allclose(plain, watched, rtol=1e-5, atol=1e-4)  # logits up to about 70
+    assert len(seen) > 1 and all(w.shape == (2, 10, 10) for w in seen.values())
+    assert all(torch.allclose(w.sum(-1), torch.ones(2, 10)) for w in seen.values())
+    assert all((w[1, :, :3] == 0).all() for w in seen.values())  # padding gets no attention
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"current_k": 0}, r"current_k of the 'd2cache' cache must be a positive integer"),
+    ({"rollout_p": 1.5}, r"rollout_p of the 'd2cache' cache must be a share between 0 and 1"),
+    ({"sigma": 0}, r"sigma of the 'd2cache' cache must be a positive number"),
+    ({"inflate_w": -1}, r"inflate_w of the 'd2cache' cache must be a non-negative integer"),
+    ({"certainty_prior": "yes"}, r"certainty_prior of the 'd2cache' cache must be True or False"),
+])
+def test_d2cache_checks_its_settings(config, message):
+    with pytest.raises(ValueError, match=message):
+        dlm_generation.D2Cache(config)
+    assert dlm_generation.D2Cache().cache_config == {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0,
+                                                     "inflate_w": 4, "certainty_prior": True}

@@ -156,12 +156,15 @@ class DLLMCache(DiffusionCache):
 def certainty_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
     """d2Cache's certainty density of every generated position (batch, G): the Gaussian-weighted (`sigma`) share of
     decoded neighbours. Left of the canvas counts as decoded; right of it as decoded when the last position is.
-    The normaliser is the kernel's sum over 6G positions, as in the reference's FFT formulation; contributions
-    beyond 8 sigma (below 1e-13) are left out."""
+    (within one canvas length, zero beyond). The normaliser is the kernel's sum over 6G positions, as in the
+    reference's FFT formulation; contributions beyond 8 sigma (below 1e-13) are left out."""
     batch, length = decoded.shape
-    radius = min(length, math.ceil(8 * sigma))
+    radius = min(2 * length - 1, math.ceil(8 * sigma))  # the reference sees one canvas length of padding each way
     signal = decoded.to(torch.float32)
-    extended = torch.cat([signal.new_ones(batch, radius), signal, signal[:, -1:].expand(batch, radius)], dim=1)
+    reach = torch.arange(radius, device=decoded.device) < length  # padding within one canvas length of the edge
+    left = reach.flip(0).to(torch.float32).expand(batch, radius)
+    right = signal[:, -1:] * reach.to(torch.float32)
+    extended = torch.cat([left, signal, right], dim=1)
     offsets = torch.arange(-radius, radius + 1, device=decoded.device, dtype=torch.float64)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     wide = torch.arange(-3 * length, 3 * length, device=decoded.device, dtype=torch.float64)
