@@ -50,6 +50,14 @@ for _cache in ("prefix", "dual", "freecache"):  # each cache alone, with thresho
     NAMED_CONFIGS[f"{_cache}+threshold-0.9"] = {"cache_implementation": _cache, "alg": "low_confidence",
                                                  "threshold": 0.9}
     NAMED_CONFIGS[f"{_cache}+threshold-0.9+eos"] = {"cache_implementation": _cache, **THRESHOLD_EOS}
+# The adaptive caches: dLLM-Cache with its defaults; d2Cache as its paper decodes (one block, certainty prior) and
+# as a cache under Fast-dLLM's threshold decoding (semi-AR blocks, plain confidence).
+NAMED_CONFIGS["dllm"] = {"cache_implementation": "dllm"}
+NAMED_CONFIGS["dllm+threshold-0.9+eos"] = {"cache_implementation": "dllm", **THRESHOLD_EOS}
+NAMED_CONFIGS["d2cache"] = {"cache_implementation": "d2cache", "block_length": None, "alg": "low_confidence"}
+NAMED_CONFIGS["d2cache+eos"] = {**NAMED_CONFIGS["d2cache"], "eos_early_stop": True}
+NAMED_CONFIGS["d2cache+threshold-0.9+eos"] = {"cache_implementation": "d2cache",
+                                              "cache_config": {"certainty_prior": False}, **THRESHOLD_EOS}
 # Set by the benchmark itself; a configuration may not override them.
 RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_in_generate", "generation_config"}
 # Every diffusion configuration starts from this base (None = the model family's default, e.g. Dream's entropy).
