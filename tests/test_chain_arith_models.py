@@ -183,3 +183,13 @@ def test_cost_scaling_table():
     assert lines[2].split("|")[1:-1] == [" vanilla (batch 1) ", " 10.0        ", " 40.0         ", " 4.00x      "]
     assert "1.20x" in lines[3]
     assert benchmark.format_scaling(rows[:2]) is None  # one length: nothing to scale
+
+
+@pytest.mark.parametrize("name", list(benchmark.NAMED_CONFIGS))
+def test_every_named_configuration_decodes(tokenizer, name):
+    """Each built-in benchmark configuration is valid and decodes a problem to the end (gen 64, block 32)."""
+    model = AutoModelForCausalLM.from_pretrained(LLADA)
+    settings = {**benchmark.BASE_CONFIG, "steps": 64, "block_length": 32, **benchmark.NAMED_CONFIGS[name]}
+    result = benchmark.solve(model, tokenizer, PROBLEMS[:2], 64, 2, settings)
+    assert len(result.completions) == 2 and all(c.strip() for c in result.completions)
+    assert all(call["nfe"] >= 1 and min(call["tokens"]) >= 1 for call in result.calls)

@@ -50,6 +50,11 @@ for _cache in ("prefix", "dual", "freecache"):  # each cache alone, with thresho
     NAMED_CONFIGS[f"{_cache}+threshold-0.9"] = {"cache_implementation": _cache, "alg": "low_confidence",
                                                  "threshold": 0.9}
     NAMED_CONFIGS[f"{_cache}+threshold-0.9+eos"] = {"cache_implementation": _cache, **THRESHOLD_EOS}
+# FreeCache with a right window too (FlashDLM's GSM8K setting uses 256/256): forwards that never cover the far
+# masked suffix, so their cost does not grow with the canvas.
+NAMED_CONFIGS["freecache-64+threshold-0.9+eos"] = {"cache_implementation": "freecache",
+                                                   "cache_config": {"window_left": 64, "window_right": 64},
+                                                   **THRESHOLD_EOS}
 # The adaptive caches: dLLM-Cache with its defaults; d2Cache as its paper decodes (one block, certainty prior) and
 # as a cache under Fast-dLLM's threshold decoding (semi-AR blocks, plain confidence).
 NAMED_CONFIGS["dllm"] = {"cache_implementation": "dllm"}
