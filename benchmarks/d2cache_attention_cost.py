@@ -32,12 +32,18 @@ class WeightlessD2Cache(D2Cache):
 
 
 def median_seconds(fn, repeats: int) -> float:
-    times = []
+    return paired_medians([fn], repeats)[0]
+
+
+def paired_medians(fns, repeats: int) -> list[float]:
+    """Median wall time of each function, calling them in turn (so load on the machine affects all alike)."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for fn, record in zip(fns, times):
+            began = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - began)
+    return [statistics.median(record) for record in times]
 
 
 def main() -> None:
@@ -84,14 +90,13 @@ def main() -> None:
         def step(cache):
             return lambda: model(inputs, position_ids=position_ids, past_key_values=cache)
 
-        with_weights = median_seconds(step(weighted), args.repeats)
-        without = median_seconds(step(weightless), args.repeats)
+        with_weights, without = paired_medians([step(weighted), step(weightless)], args.repeats)
         rollout = median_seconds(lambda: weighted.rollout_importance(args.batch), args.repeats)
         first = D2Cache()  # before its first step a d2Cache runs everything
         first.begin_generation(canvas, None, mask_id, prompt_length=prompt)
         first.plan_step(canvas, 0)
-        full_weighted = median_seconds(lambda: model(canvas, past_key_values=first), max(3, args.repeats // 5))
-        full_sdpa = median_seconds(lambda: model(canvas), max(3, args.repeats // 5))
+        full_weighted, full_sdpa = paired_medians([lambda: model(canvas, past_key_values=first), lambda: model(canvas)],
+                                                  max(3, args.repeats // 5))
     queries = positions.shape[1]
     print(f"{args.model.name}, batch {args.batch}, canvas {length} ({prompt} prompt + {args.gen_length}), "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
