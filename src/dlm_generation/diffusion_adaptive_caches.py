@@ -28,6 +28,7 @@ This file travels with saved models, so it imports only torch and siblings.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -159,18 +160,26 @@ def certainty_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
     (within one canvas length, zero beyond). The normaliser is the kernel's sum over 6G positions, as in the
     reference's FFT formulation; contributions beyond 8 sigma (below 1e-13) are left out."""
     batch, length = decoded.shape
-    radius = min(2 * length - 1, math.ceil(8 * sigma))  # the reference sees one canvas length of padding each way
+    kernel, reach = _density_kernel(length, float(sigma), decoded.device)
+    radius = reach.shape[0]
     signal = decoded.to(torch.float32)
-    reach = torch.arange(radius, device=decoded.device) < length  # padding within one canvas length of the edge
-    left = reach.flip(0).to(torch.float32).expand(batch, radius)
-    right = signal[:, -1:] * reach.to(torch.float32)
+    left = reach.flip(0).expand(batch, radius)
+    right = signal[:, -1:] * reach
     extended = torch.cat([left, signal, right], dim=1)
-    offsets = torch.arange(-radius, radius + 1, device=decoded.device, dtype=torch.float64)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    wide = torch.arange(-3 * length, 3 * length, device=decoded.device, dtype=torch.float64)
+    return F.conv1d(extended[:, None], kernel)[:, 0]
+
+
+@functools.lru_cache(maxsize=32)
+def _density_kernel(length: int, sigma: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised Gaussian kernel (1, 1, 2r + 1) of `certainty_density` and which of the r padding positions on
+    each side lie within one canvas length of the edge (1.0) or beyond it (0.0)."""
+    radius = min(2 * length - 1, math.ceil(8 * sigma))  # the reference sees one canvas length of padding each way
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    wide = torch.arange(-3 * length, 3 * length, device=device, dtype=torch.float64)
     normaliser = torch.exp(-(wide**2) / (2 * sigma**2)).sum()
-    weighted = F.conv1d(extended[:, None], (kernel / normaliser).to(torch.float32)[None, None])[:, 0]
-    return weighted
+    kernel = (torch.exp(-(offsets**2) / (2 * sigma**2)) / normaliser).to(torch.float32)[None, None]
+    reach = (torch.arange(radius, device=device) < length).to(torch.float32)
+    return kernel, reach
 
 
 def nucleus_select(scores: torch.Tensor, top_p: float, allowed: torch.Tensor) -> torch.Tensor:
