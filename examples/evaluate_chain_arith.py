@@ -44,6 +44,11 @@ ROWS = {  # name -> (generation length, block length or None for one block, extr
     "dual-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "dual"}),
     "vanilla-b8-g256": (256, 8, {}),
     "vanilla-1block-g256": (256, None, {}),
+    "dllm-b32-g256": (256, 32, {"cache_implementation": "dllm"}),
+    "dllm-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "dllm"}),
+    "d2cache-1block-g256": (256, None, {"cache_implementation": "d2cache", "alg": "low_confidence"}),
+    "d2cache-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "d2cache",
+                                             "cache_config": {"certainty_prior": False}}),
 }
 
 

@@ -153,6 +153,10 @@ ACCURACY_ROWS = {  # examples/evaluate_chain_arith.py rows -> how the card names
     "dual-threshold-b32-g256": "threshold 0.9 + dual cache, block 32, gen 256",
     "vanilla-b8-g256": "vanilla, block 8, gen 256",
     "vanilla-1block-g256": "vanilla, one block, gen 256",
+    "dllm-b32-g256": "vanilla + dLLM-Cache (kp 50, kr 2, rou 0.25), block 32, gen 256",
+    "dllm-threshold-b32-g256": "threshold 0.9 + dLLM-Cache, block 32, gen 256",
+    "d2cache-1block-g256": "d2Cache with its certainty prior, one block, gen 256",
+    "d2cache-threshold-b32-g256": "threshold 0.9 + d2Cache (no prior), block 32, gen 256",
 }
 
 
