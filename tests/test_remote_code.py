@@ -169,7 +169,7 @@ def test_saved_code_has_no_absolute_package_import(saved):
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    assert alias.name.split(".")[0] in {"torch", "transformers", "math", "copy", "difflib"}, (
+                    assert alias.name.split(".")[0] in {"torch", "transformers", "math", "copy", "difflib", "functools"}, (
                         path.name,
                         alias.name,
                     )
