@@ -29,8 +29,10 @@ DECODE_STATES = (
     "LLaDA's SFT), the prompt is never masked, and three rows in four are a *decode state* (a block length of "
     "8/16/32/64 and a block up to the one after the first EOS; everything before the block clean, everything after it "
     "masked, inside it a clean left part or a random subset masked; loss on the block's masked positions: the first, "
-    "the decoding frontier, with weight 1, those after it with weight {lookahead}), the fourth uniformly masked over "
-    "the whole canvas (ratio t ~ U(0, 1); the EOS padding weighted as 16 tokens in all)"
+    "the decoding frontier, with weight 1, those after it with weight {lookahead}; in a share {hard} of the decode "
+    "states the block is the one holding a computed digit, a result or the answer, which is masked and weighs 1), "
+    "the fourth uniformly masked over the whole canvas (ratio t ~ U(0, 1); the EOS padding weighted as 16 tokens in "
+    "all); a share {short} of the steps draw their canvas from 64-128 positions instead (more rows per step)"
 )
 
 MODELS = {
@@ -38,9 +40,9 @@ MODELS = {
         arch="LLaDA architecture (`LLaDAModelLM`, bidirectional Llama-style blocks, unshifted logits)",
         objective=DECODE_STATES + "; LLaDA's logits are unshifted (position i predicts token i)",
         family="llada",
-        init=("the first tiny-llada-chain-arith (12 minutes of LLaDA's SFT loss with uniform masks on canvases of "
-              "about 64 positions), which was the first tiny-dream-chain-arith renamed to LLaDA's parameter names "
-              "(LLaDA's optional q/k/v biases hold Qwen2's) plus one block on top initialised as an exact "
+        init=("tiny-dream-chain-arith at step 1200 of its current run (exported as dream5_export) renamed to "
+              "LLaDA's parameter names (LLaDA's optional q/k/v biases hold Qwen2's) plus one block on top "
+              "initialised as an exact "
               "one-position shift of the residual stream (positional attention to the previous position, identity "
               "values, MLP off), so that LLaDA's unshifted head started out reading the features Dream's shifted "
               "head read"),
@@ -50,9 +52,10 @@ MODELS = {
         objective=DECODE_STATES + "; Dream's logits are shifted (position i-1 predicts token i), so the AR "
                   "model's next-token head is reused as is",
         family="dream",
-        init=("the first tiny-dream-chain-arith (108 minutes of the shifted masked-diffusion loss with uniform masks "
-              "on canvases of about 64 positions), itself initialised from tiny-ar-chain-arith (Dream keeps Qwen2's "
-              "parameter names, so the AR weights load as is)"),
+        init=("the previous tiny-dream-chain-arith (31 minutes of this objective without computed-digit states or "
+              "short canvases), itself from the first tiny-dream-chain-arith (108 minutes of the shifted "
+              "masked-diffusion loss with uniform masks on canvases of about 64 positions), initialised from "
+              "tiny-ar-chain-arith (Dream keeps Qwen2's parameter names, so the AR weights load as is)"),
     ),
     "tiny-ar-chain-arith": dict(
         arch="causal LM (transformers' `Qwen2ForCausalLM`)",
@@ -276,7 +279,8 @@ with every digit its own token; `<|pad|>` 0, `<|startoftext|>` 1 (BOS, added by 
 
 ## Training
 
-- Objective: {info["objective"].format(lookahead=args.get("lookahead_weight", 1.0))}.{init}
+- Objective: {info["objective"].format(lookahead=args.get("lookahead_weight", 1.0), hard=args.get("hard_prob", 0.0),
+                                          short=args.get("short_canvas_prob", 0.0))}.{init}
 - Data: the chain-arith train stream (`dlm_generation.tasks.train_problems`, seeds 10^9 + i, dev problems
   excluded), {data}.
 - Optimiser: AdamW (betas 0.9/0.98, weight decay 0.1), gradient clipping 1.0, linear warm-up then cosine decay of
