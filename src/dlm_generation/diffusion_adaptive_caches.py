@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .diffusion_cache import CacheStep, DiffusionCache, resolve_cache_config
+from .diffusion_cache import CacheStep, DiffusionCache
 
 
 def write_rows(stored: torch.Tensor, dim: int, rows: torch.Tensor, valid: torch.Tensor, fresh: torch.Tensor) -> None:
@@ -62,22 +62,14 @@ class DLLMCache(DiffusionCache):
 
     cache_name = "dllm"
 
-    def __init__(self, cache_config: dict | None = None):
-        super().__init__(resolve_cache_config(self.cache_name, cache_config))
-
     # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
-        self.mask_token_id = mask_token_id
-        self.block_start, self.block_end = self.prompt_length, self.canvas_length
         self.forwards = torch.zeros(canvas.shape[0], dtype=torch.long, device=canvas.device)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.outputs: dict[tuple[int, str], torch.Tensor] = {}
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
-
-    def begin_block(self, block_start, block_end):
-        self.block_start, self.block_end = block_start, block_end
 
     def plan_step(self, canvas, step):
         # Each row keeps its own schedule: it counts the forwards in which it still had masks in the block, which
@@ -237,14 +229,9 @@ class D2Cache(DiffusionCache):
     needs_attention_weights = True
     needs_token_probability = True
 
-    def __init__(self, cache_config: dict | None = None):
-        super().__init__(resolve_cache_config(self.cache_name, cache_config))
-
     # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
-        self.mask_token_id = mask_token_id
-        self.block_start, self.block_end = self.prompt_length, self.canvas_length
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.attention: dict[int, torch.Tensor] = {}
@@ -252,9 +239,6 @@ class D2Cache(DiffusionCache):
         self.confidence = torch.ones(canvas.shape[0], self.canvas_length - self.prompt_length,
                                      device=canvas.device)  # never computed yet: neutral
         self.current = CacheStep(0, self.canvas_length, self.canvas_length)
-
-    def begin_block(self, block_start, block_end):
-        self.block_start, self.block_end = block_start, block_end
 
     def plan_step(self, canvas, step):
         length = self.canvas_length

@@ -102,7 +102,11 @@ class DiffusionCache:
     needs_attention_weights = False  # attention hands the head-averaged weights to `observe_attention`
     needs_token_probability = False  # StepOutcome.probability is filled for every scorer (alg)
 
+    cache_name: str | None = None  # a registered `cache_implementation` name: its cache_config is checked, filled in
+
     def __init__(self, cache_config: dict | None = None):
+        if self.cache_name is not None:
+            cache_config = resolve_cache_config(self.cache_name, cache_config)
         self.cache_config = dict(cache_config or {})
         self.canvas_length = 0
 
@@ -115,9 +119,13 @@ class DiffusionCache:
         self.canvas_length = canvas.shape[1]
         self.prompt_length = canvas.shape[1] if prompt_length is None else prompt_length
         self.logits_shift = logits_shift
+        self.mask_token_id = mask_token_id
+        self.block_start, self.block_end = self.prompt_length, self.canvas_length
 
     def begin_block(self, block_start: int, block_end: int) -> None:
-        """Called when the loop moves to the block [block_start, block_end) of the canvas."""
+        """Called when the loop moves to the block [block_start, block_end) of the canvas (kept as block_start /
+        block_end)."""
+        self.block_start, self.block_end = block_start, block_end
 
     def plan_step(self, canvas: torch.Tensor, step: int) -> CacheStep:
         """The positions the next forward runs and the keys they see (the null cache: everything)."""

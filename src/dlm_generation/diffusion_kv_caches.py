@@ -23,26 +23,17 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion_cache import CacheStep, DiffusionCache, resolve_cache_config
+from .diffusion_cache import CacheStep, DiffusionCache
 
 
 class CanvasKVCache(DiffusionCache):
     """Per-layer keys and values of the whole canvas; subclasses choose the query range of the block's steps."""
 
-    cache_name: str  # the `cache_implementation` name: its `cache_config` keys are checked and defaults filled in
-
-    def __init__(self, cache_config: dict | None = None):
-        super().__init__(resolve_cache_config(self.cache_name, cache_config))
-
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.block_start, self.block_end = 0, self.canvas_length
         self.current = CacheStep(0, self.canvas_length, self.canvas_length)
-
-    def begin_block(self, block_start, block_end):
-        self.block_start, self.block_end = block_start, block_end
 
     def plan_step(self, canvas, step):
         full = CacheStep(0, self.canvas_length, self.canvas_length)
@@ -103,7 +94,6 @@ class FreeCache(CanvasKVCache):
 
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
-        self.mask_token_id = mask_token_id
         self.window_left = self.cache_config["window_left"]
         self.window_right = self.cache_config["window_right"]
         self.started = False
