@@ -554,14 +554,16 @@ def test_available_caches_are_registered_classes():
     assert all(issubclass(cls, DiffusionCache) for cls in DIFFUSION_CACHE_CLASSES.values())
 
 
-@pytest.mark.parametrize("kwargs", [{"assistant_model": "model"}, {"guidance": "ar"}])
-def test_assistant_model_rejected(family, kwargs):
+def test_diffusion_model_rejected_as_guide(family):
     _, model = family
-    if kwargs.get("assistant_model") == "model":
-        kwargs = {"assistant_model": model}
-    with raises(r"AR-guided diffusion \(assistant_model / guidance\) is not available in this version of "
-                r"dlm-generation; drop the argument"):
-        model.diffusion_generate(prompt(), max_new_tokens=4, **kwargs)
+    with raises(r"assistant_model is a diffusion model; the guide must be an autoregressive causal LM"):
+        model.diffusion_generate(prompt(), max_new_tokens=4, assistant_model=model)
+
+
+def test_guidance_must_be_a_dict(family):
+    _, model = family
+    with raises(r"guidance must be a dict such as \{'strategy': 'deterministic'\}, got 'ar'"):
+        model.diffusion_generate(prompt(), max_new_tokens=4, guidance="ar")
 
 
 def test_logits_eos_inf_needs_eos(llada, monkeypatch):

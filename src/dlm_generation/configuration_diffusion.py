@@ -18,6 +18,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from .diffusion_cache import KNOWN_CACHE_IMPLEMENTATIONS, resolve_cache_config
+from .diffusion_guidance import resolve_guidance_config
 
 # Confidence measures ("scorers"). `confidence_threshold` is Fast-dLLM Dream's name for maskgit_plus confidence
 # with budgeted threshold commits; it is accepted so that existing Dream call sites keep working.
@@ -40,6 +41,7 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "factor": None,
     "mask_token_id": None,
     "eos_early_stop": False,
+    "guidance": None,  # None: no AR guide (unless the call passes assistant_model=)
     "output_history": False,
     "output_confidences": False,
 }
@@ -139,6 +141,13 @@ class DiffusionGenerationConfig(GenerationConfig):
     - `mask_token_id` (int): defaults to the model config's.
     - `eos_early_stop` (bool): a row stops as soon as every position before its first stop token is committed;
       what follows that token becomes `pad_token_id`. Lossless for the text up to the stop token.
+    - `guidance` (dict): AR-guided diffusion (FlashDLM) with the guide passed as `assistant_model=`: `strategy`
+      (`"deterministic"`, `"topk_relative"` with `top_k` 2 and `relative_threshold` 0.5, or `"speculative"`),
+      `verify_chunk` (32), `draft_temperature` (0.0 = argmax drafts) and `assistant_model_id` (the guide loaded
+      when none is passed). It replaces the commit policy (so no threshold / factor; the scorer `alg` and
+      `alg_temp` go unused), draws drafts at `draft_temperature` (leave `temperature` at 0) and implies
+      `eos_early_stop`. See
+      `diffusion_guidance.py`.
     - `output_history` (bool): return the canvas after every step as `history`.
     - `output_confidences` (bool): return, per generated position, the confidence it was committed with as
       `confidences` (see `DiffusionGenerateOutput`).
@@ -240,6 +249,12 @@ class DiffusionGenerationConfig(GenerationConfig):
                 resolve_cache_config(self.cache_implementation, self.cache_config)
             except ValueError as error:
                 errors.append(str(error))
+        if self.guidance is not None:
+            try:
+                resolve_guidance_config(self.guidance)
+            except ValueError as error:
+                errors.extend(str(error).split("\n  - ")[1:])
+            errors.extend(guidance_conflicts(self))
         for name, (off, why) in UNSUPPORTED_AR_FIELDS.items():
             value = getattr(self, name, None)
             if value is not None and value != off:
@@ -290,6 +305,21 @@ class DiffusionGenerationConfig(GenerationConfig):
     def explicit_fields(self) -> dict[str, Any]:
         """The fields this config sets (non-None) among those the diffusion loop reads."""
         return {name: getattr(self, name) for name in LIBRARY_DEFAULTS if getattr(self, name, None) is not None}
+
+
+def guidance_conflicts(config) -> list[str]:
+    """What an AR-guided config sets that guidance replaces (the guide decides what to commit and drafts at its own
+    temperature)."""
+    conflicts = []
+    for name in ("threshold", "factor"):
+        if getattr(config, name, None) is not None:
+            conflicts.append(f"{name}={getattr(config, name)!r} cannot be combined with guidance: the guide decides "
+                             f"which proposals to commit; pass {name}=None.")
+    temperature = getattr(config, "temperature", None)
+    if _is_number(temperature) and temperature > 0:
+        conflicts.append(f"temperature={temperature!r}: with guidance the drafts are drawn at guidance"
+                         "['draft_temperature']; set that instead and leave temperature at 0.")
+    return conflicts
 
 
 def check_known_kwargs(kwargs: dict[str, Any], extra_names: set[str]) -> None:

@@ -290,6 +290,9 @@ class D2Cache(DiffusionCache):
         selected = torch.zeros_like(remaining).scatter_(1, top, True) & candidates
         chosen = torch.zeros(batch, length, dtype=torch.bool, device=device)
         chosen[:, prompt - self.logits_shift:length - self.logits_shift] = selected  # a shifted model reads i at i - 1
+        if self.guided_frontier:  # AR guidance verifies from each row's first mask on
+            frontier = remaining & (remaining.long().cumsum(-1) <= self.guided_frontier)
+            chosen[:, prompt - self.logits_shift:length - self.logits_shift] |= frontier
         # 2. every position committed this step
         chosen[:, outcome.start:outcome.end] |= outcome.committed
         # 3. attention rollout over the rest

@@ -101,6 +101,9 @@ class DiffusionCache:
     # Capabilities (the loop and the model read these flags; they never ask for a cache's type):
     needs_attention_weights = False  # attention hands the head-averaged weights to `observe_attention`
     needs_token_probability = False  # StepOutcome.probability is filled for every scorer (alg)
+    # Set by the loop for AR-guided decoding: guided rows commit left to right from their first mask, so a cache that
+    # chooses which masked positions to compute must include each row's first `guided_frontier` masked positions.
+    guided_frontier = 0
 
     cache_name: str | None = None  # a registered `cache_implementation` name: its cache_config is checked, filled in
 

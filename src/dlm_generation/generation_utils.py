@@ -27,13 +27,15 @@ from .configuration_diffusion import (
     LIBRARY_DEFAULTS,
     DiffusionGenerationConfig,
     check_known_kwargs,
+    guidance_conflicts,
     translate_aliases,
 )
 from .diffusion_cache import DiffusionCache, StepOutcome, resolve_cache_config
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
+from .diffusion_guidance import ARGuide, check_shared_vocabulary, resolve_guidance_config
 from .diffusion_strategies import NEG_INF, StepContext, build_strategies, propose_tokens
 
-MODEL_INPUT_NAMES = {"input_ids", "attention_mask", "tokenizer"}
+MODEL_INPUT_NAMES = {"input_ids", "attention_mask", "tokenizer", "assistant_tokenizer"}
 # Arguments that pipelines and upstream `generate` callers pass and that have no effect on diffusion decoding.
 IGNORED_GENERATE_ARGS = {"use_cache", "synced_gpus", "prefix_length"}
 
@@ -60,6 +62,7 @@ class DiffusionGenerateOutput(ModelOutput):
     tokens_per_forward: torch.Tensor | None = None
     history: list[torch.LongTensor] | None = None
     confidences: torch.FloatTensor | None = None
+    assistant_forwards: int | None = None
 
 
 class DiffusionGenerationMixin(GenerationMixin):
@@ -114,7 +117,11 @@ class DiffusionGenerationMixin(GenerationMixin):
             streamer: receives the prompt, then each newly settled token run (tokens before the first mask);
                 batch size 1, like upstream streamers.
             past_key_values: a `DiffusionCache` instance (overrides `cache_implementation`).
-            assistant_model: reserved for AR-guided diffusion (not available in this version).
+            assistant_model: the AR guide of AR-guided diffusion (a causal LM sharing the tokenizer); its options
+                are the config's `guidance` dict (deterministic acceptance when unset). Without it, a config whose
+                `guidance` names an `assistant_model_id` loads that guide (once per model).
+            assistant_tokenizer: the guide's tokenizer, for the vocabulary check (default: loaded from the guide's
+                `name_or_path`); `tokenizer` is the diffusion model's (default: loaded from its `name_or_path`).
             kwargs: any `DiffusionGenerationConfig` field or LLaDA alias (`gen_length`, `mask_id`, `remasking`).
         """
         # 1. config and inputs
@@ -124,15 +131,14 @@ class DiffusionGenerationMixin(GenerationMixin):
         kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         tokenizer = kwargs.pop("tokenizer", None)
-        if assistant_model is not None or kwargs.get("guidance") is not None:
-            raise ValueError(
-                "AR-guided diffusion (assistant_model / guidance) is not available in this version of dlm-generation;"
-                " drop the argument."
-            )
+        assistant_tokenizer = kwargs.pop("assistant_tokenizer", None)
         config = self._prepare_generation_config(generation_config, kwargs)
         input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, config)
         batch, prompt_len = input_ids.shape
         config = self._resolve_lengths(config, prompt_len)
+        guidance, assistant_model, hidden_ids = self._prepare_guidance(
+            config, assistant_model, tokenizer, assistant_tokenizer, input_ids.device
+        )
 
         # 2. canvas
         mask_id = config.mask_token_id
@@ -155,6 +161,12 @@ class DiffusionGenerationMixin(GenerationMixin):
         stop_ids = self._stop_token_ids(config, canvas.device)
         excluded_ids = stop_ids if config.confidence_eos_eot_inf and stop_ids.numel() else None
         finished = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
+        guide = None
+        cache.guided_frontier = 0
+        if guidance is not None:
+            guide = ARGuide(assistant_model, guidance, canvas, padding_mask, mask_id, stop_ids, hidden_ids)
+            cache.guided_frontier = guidance["verify_chunk"]
+        draft_temperature = config.temperature if guide is None else guidance["draft_temperature"]
         history = [] if config.output_history else None
         confidences = canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32) if config.output_confidences else None
         nfe = 0
@@ -214,7 +226,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                         logits = processor(canvas, logits)
                     # 4.3 proposals
                     proposal = propose_tokens(
-                        logits, strategies.alg, config.temperature, config.top_k, config.top_p, excluded_ids, mask_index,
+                        logits, strategies.alg, draft_temperature, config.top_k, config.top_p, excluded_ids, mask_index,
                         need_probability=cache.needs_token_probability,
                     )
                     scores = cache.rescore(proposal.confidence, proposal.probability, canvas, step_start, step_end)
@@ -226,13 +238,20 @@ class DiffusionGenerationMixin(GenerationMixin):
                         remaining=remaining,
                         schedule=strategies.schedule,
                     )
-                    commit = strategies.policy.select(confidence, eligible, ctx)
+                    tokens = proposal.tokens
+                    if guide is None:
+                        commit = strategies.policy.select(confidence, eligible, ctx)
+                    else:  # the guide's acceptance rule is the commit policy (and may write its own tokens)
+                        commit, tokens = guide.select(canvas, tokens, eligible, step_start)
                     unseen_later = cache.settled_before() + shift  # later steps of this block see no logits left of it
                     if unseen_later > step_start:
                         # A row with masks there commits exactly those now (its only chance), greedily or as drawn.
                         forced = eligible & (torch.arange(step_start, step_end, device=canvas.device) < unseen_later)
-                        commit = torch.where(forced.any(-1, keepdim=True), forced, commit)
-                    canvas[:, step_start:step_end] = torch.where(commit, proposal.tokens, window)
+                        if guide is None:
+                            commit = torch.where(forced.any(-1, keepdim=True), forced, commit)
+                        else:  # the guide's commits start at the first mask, so they stay contiguous
+                            commit = commit | forced
+                    canvas[:, step_start:step_end] = torch.where(commit, tokens, window)
                     if confidences is not None:
                         seen = confidences[:, step_start:step_end]
                         confidences[:, step_start:step_end] = torch.where(commit, proposal.confidence.float(), seen)
@@ -262,6 +281,7 @@ class DiffusionGenerationMixin(GenerationMixin):
             tokens_per_forward=self._generated_lengths(canvas, prompt_len, stop_ids) / max(nfe, 1),
             history=history,
             confidences=None if confidences is None else confidences[:, prompt_len:],
+            assistant_forwards=None if guide is None else guide.forwards,
         )
 
     def generate(self, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None,
@@ -367,6 +387,76 @@ class DiffusionGenerationMixin(GenerationMixin):
         return config
 
     # ------------------------------------------------------------------------------------------ 2-3. set-up
+    def _prepare_guidance(self, config, assistant_model, tokenizer, assistant_tokenizer, device):
+        """Resolve AR guidance: its options, the guide model, and the dLLM-only token ids the guide never sees.
+
+        Returns (None, None, []) without guidance. The vocabulary check runs once per (model, guide) pair.
+        """
+        if config.guidance is None and assistant_model is None:
+            if assistant_tokenizer is not None:
+                raise ValueError("assistant_tokenizer was passed without a guide; pass assistant_model= (or drop it).")
+            return None, None, []
+        guidance = resolve_guidance_config(config.guidance)
+        conflicts = guidance_conflicts(config)
+        if conflicts:
+            raise ValueError("Invalid AR-guided generation:\n  - " + "\n  - ".join(conflicts))
+        if assistant_model is None:
+            assistant_model = self._load_guide(guidance["assistant_model_id"])
+        if not (hasattr(assistant_model, "config") and callable(assistant_model)
+                and hasattr(assistant_model, "get_output_embeddings")):
+            raise ValueError(
+                f"assistant_model must be a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)), "
+                f"got {type(assistant_model).__name__}."
+            )
+        if isinstance(assistant_model, DiffusionGenerationMixin):
+            raise ValueError("assistant_model is a diffusion model; the guide must be an autoregressive causal LM.")
+        guide_device = next(assistant_model.parameters()).device
+        if guide_device != device:
+            raise ValueError(
+                f"The guide is on {guide_device} but the prompt is on {device}; move it with assistant_model.to(...)."
+            )
+        config.eos_early_stop = True  # a committed stop token ends a guided row
+        checked = self.__dict__.setdefault("_dlm_checked_guides", {})
+        key = id(assistant_model)
+        if key not in checked or checked[key][0] is not assistant_model:
+            dllm_tokenizer = tokenizer or self._load_tokenizer(self, "tokenizer")
+            guide_tokenizer = assistant_tokenizer or self._load_tokenizer(assistant_model, "assistant_tokenizer")
+            checked[key] = (assistant_model, check_shared_vocabulary(dllm_tokenizer, guide_tokenizer))
+        return guidance, assistant_model, checked[key][1]
+
+    def _load_guide(self, model_id):
+        if model_id is None:
+            raise ValueError(
+                "guidance needs an autoregressive guide: pass assistant_model=AutoModelForCausalLM.from_pretrained(...)"
+                ", or set guidance['assistant_model_id'] in the generation config."
+            )
+        loaded = self.__dict__.get("_dlm_loaded_guide")
+        if loaded is None or loaded[0] != model_id:
+            from pathlib import Path
+
+            from transformers import AutoModelForCausalLM
+
+            source = model_id
+            own_folder = Path(str(getattr(self, "name_or_path", "") or "."))
+            if not Path(model_id).exists() and (own_folder / model_id).is_dir():
+                source = str(own_folder / model_id)  # a guide stored inside the model's folder
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype).to(self.device).eval()
+            self.__dict__["_dlm_loaded_guide"] = loaded = (model_id, model)
+        return loaded[1]
+
+    @staticmethod
+    def _load_tokenizer(model, argument):
+        from transformers import AutoTokenizer
+
+        source = getattr(model, "name_or_path", None)
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except Exception as error:  # noqa: BLE001 - any loading failure gets the same advice
+            raise ValueError(
+                f"AR guidance checks that the guide shares the diffusion model's vocabulary, and no tokenizer could be "
+                f"loaded from {source!r} ({type(error).__name__}); pass {argument}=... to diffusion_generate."
+            ) from None
+
     @staticmethod
     def _canvas_position_ids(padding_mask, batch, length, device):
         if padding_mask is None:
