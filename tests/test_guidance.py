@@ -3,6 +3,7 @@ decoding end to end on the shipped chain-arith models with `tiny-ar-chain-arith`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -327,3 +328,14 @@ def test_hidden_ids_are_not_attended_by_the_guide(tokenizer, guide):
     ar_guide = ARGuide(guide, dict(GUIDANCE_DEFAULTS), canvas, None, MASK, torch.tensor([EOS]), [310])
     assert ar_guide.attention_mask.tolist() == [[1, 0, 1, 1, 1]]
     assert ar_guide.position_ids.tolist() == [[0, 0, 1, 2, 3]]
+
+
+def test_the_guided_example_runs_as_the_readme_shows():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "guided_generation.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True)
+    guided = result.stdout.split("guided by the AR model:")[1]
+    assert re.match(r" \d+ diffusion forwards \+ \d+ guide forwards", guided)
+    assert guided.count("[correct]") == 2

@@ -7,7 +7,9 @@ For every generation length x batch size it runs the named decoding configuratio
 `NAMED_CONFIGS`) on the first `--problems` dev problems and prints one table: accuracy, NFE (model forwards per
 generate call), tokens per forward, tokens/s, speedup vs `vanilla` (same length and batch size, median wall time of
 `--repeats` timed passes), peak memory, and the share of wall time spent outside model forwards (loop overhead).
-An autoregressive model (`--ar-model`, through `transformers`' `generate` with its KV cache) is a baseline row.
+An autoregressive model (`--ar-model`, through `transformers`' `generate` with its KV cache) is a baseline row and
+the guide of the AR-guided configurations (``guided*``); the table then also gives the guide's forwards per call
+and the speed relative to the AR model alone ("vs AR"). For guided rows, "overhead" includes the guide's forwards.
 It also writes the rows as JSON (`--json`) and a PNG of accuracy against speedup (`--plot`, needs matplotlib).
 
 Every configuration is decoded greedily (temperature 0) with one fixed base: ``steps = gen_length`` (one token per
@@ -63,8 +65,18 @@ NAMED_CONFIGS["d2cache"] = {"cache_implementation": "d2cache", "block_length": N
 NAMED_CONFIGS["d2cache+eos"] = {**NAMED_CONFIGS["d2cache"], "eos_early_stop": True}
 NAMED_CONFIGS["d2cache+threshold-0.9+eos"] = {"cache_implementation": "d2cache",
                                               "cache_config": {"certainty_prior": False}, **THRESHOLD_EOS}
+# AR-guided diffusion (FlashDLM) with the --ar-model as the guide: the whole canvas as one window (FlashDLM's
+# setting), within Fast-dLLM's blocks, lossless (speculative), and with the caches FlashDLM pairs it with.
+GUIDED = {"guidance": {"strategy": "deterministic"}, "block_length": None}
+NAMED_CONFIGS["guided"] = GUIDED
+NAMED_CONFIGS["guided+blocks"] = {"guidance": {"strategy": "deterministic"}}
+NAMED_CONFIGS["guided-topk"] = {**GUIDED, "guidance": {"strategy": "topk_relative"}}
+NAMED_CONFIGS["guided-speculative"] = {**GUIDED, "guidance": {"strategy": "speculative"}}
+NAMED_CONFIGS["guided+freecache"] = {**GUIDED, "cache_implementation": "freecache"}
+NAMED_CONFIGS["guided+dual"] = {"guidance": {"strategy": "deterministic"}, "cache_implementation": "dual"}
 # Set by the benchmark itself; a configuration may not override them.
-RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_in_generate", "generation_config"}
+RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_in_generate", "generation_config",
+                 "assistant_model"}
 # Every diffusion configuration starts from this base (None = the model family's default, e.g. Dream's entropy).
 # Vanilla is one token per step for every family, so the schedule is "linear": Dream's reference "eps" schedule
 # commits no token at a block's first step and two at its last (pass `NAME:schedule=eps` to measure it).
@@ -87,7 +99,9 @@ class Row:
     seconds_all: list[float] = field(default_factory=list)
     speedup: float | None = None
     peak_memory_mib: float | None = None
-    loop_overhead: float | None = None  # share of wall time outside model forwards
+    loop_overhead: float | None = None  # share of wall time outside model forwards (guided: the guide's included)
+    guide_forwards: float | None = None  # the AR guide's forwards per generate call (guided configurations)
+    speedup_vs_ar: float | None = None  # wall time of the AR baseline / this row's (with --ar-model)
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -202,11 +216,11 @@ def prompt_batches(tokenizer, problems: list[ChainArithProblem], batch_size: int
 
 
 def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, batch_size: int,
-          settings: dict | None = None, autoregressive: bool = False, sync: bool = False) -> Pass:
+          settings: dict | None = None, autoregressive: bool = False, sync: bool = False, guide=None) -> Pass:
     """Decode `problems` in batches of `batch_size`.
 
     Diffusion models go through `diffusion_generate(**settings)`; `autoregressive=True` uses `generate` (greedy,
-    KV cache) and counts its forwards. Only the generate calls are timed (tokenising and decoding are not), and
+    KV cache) and counts its forwards; `guide` is the AR guide of guided settings. Only the generate calls are timed (tokenising and decoding are not), and
     completions are cut at the first EOS before decoding, so text after it is never scored.
     """
     device = next(model.parameters()).device
@@ -220,9 +234,10 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
                 sequences = model.generate(**inputs, max_new_tokens=gen_length, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             else:
+                extra = {"assistant_model": guide} if (settings or {}).get("guidance") is not None else {}
                 out = model.diffusion_generate(inputs.input_ids, attention_mask=inputs.attention_mask,
                                                max_new_tokens=gen_length, return_dict_in_generate=True,
-                                               **(settings or {}))
+                                               **(settings or {}), **extra)
                 sequences = out.sequences
             if sync:
                 torch.cuda.synchronize()
@@ -236,7 +251,8 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
         completions += tokenizer.batch_decode(
             [row[:n] for row, n in zip(generated.tolist(), lengths.tolist())], skip_special_tokens=True
         )
-        calls.append({"nfe": nfe, "tokens": lengths.tolist()})
+        calls.append({"nfe": nfe, "tokens": lengths.tolist(),
+                      "guide_forwards": None if autoregressive else out.assistant_forwards})
     return Pass(completions, calls, seconds)
 
 
@@ -288,6 +304,7 @@ class Candidate:
     model: torch.nn.Module
     settings: dict
     autoregressive: bool = False
+    guide: torch.nn.Module | None = None
     first: Pass | None = None
     forward_seconds: float = 0.0
     peak_memory_mib: float | None = None
@@ -295,7 +312,7 @@ class Candidate:
 
     def run(self, tokenizer, problems, gen_length, batch_size, sync) -> Pass:
         return solve(self.model, tokenizer, problems, gen_length, batch_size, self.settings, self.autoregressive,
-                     sync=sync)
+                     sync=sync, guide=self.guide)
 
     def instrumented_pass(self, tokenizer, problems, gen_length, batch_size, sync) -> None:
         """Accuracy, NFE, peak memory above the level at its start, and time inside model forwards."""
@@ -327,6 +344,8 @@ class Candidate:
             tokens_per_second=sum(tokens) / median, seconds=median, seconds_all=list(self.seconds),
             peak_memory_mib=self.peak_memory_mib,
             loop_overhead=max(0.0, 1.0 - self.forward_seconds / self.first.seconds) if self.first.seconds else None,
+            guide_forwards=(statistics.mean(call["guide_forwards"] for call in calls)
+                            if calls and calls[0].get("guide_forwards") is not None else None),
         )
 
 
@@ -350,7 +369,7 @@ def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, b
     for candidate in candidates:
         short_length, short = one_block(candidate.settings, gen_length)  # warm-up: one block is enough
         solve(candidate.model, tokenizer, problems[:batch_size], short_length, batch_size, short,
-              candidate.autoregressive, sync=sync)
+              candidate.autoregressive, sync=sync, guide=candidate.guide)
         candidate.instrumented_pass(tokenizer, problems, gen_length, batch_size, sync)
         log(f"  {candidate.name} gen={gen_length} batch={batch_size}: accuracy "
             f"{accuracy(candidate.first.completions, problems):.3f}, {candidate.first.seconds:.2f}s")
@@ -360,8 +379,10 @@ def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, b
                 candidate.seconds.append(candidate.run(tokenizer, problems, gen_length, batch_size, sync).seconds)
     rows = [c.row(problems, gen_length, batch_size) for c in candidates]
     vanilla = next(r for r in rows if r.config == VANILLA)
+    ar = next((r for r in rows if r.config == AR_BASELINE), None)
     for row in rows:
         row.speedup = vanilla.seconds / row.seconds
+        row.speedup_vs_ar = None if ar is None else ar.seconds / row.seconds
     return rows
 
 
@@ -376,8 +397,13 @@ def markdown_table(lines: list[tuple[str, ...]]) -> str:
 def format_table(rows: list[Row]) -> str:
     header = ("config", "gen", "batch", "accuracy", "NFE", "tok/fwd", "tok/s", "ms/tok", "speedup", "+peak MiB",
               "overhead")
+    guided = any(r.guide_forwards is not None for r in rows)
+    versus_ar = any(r.speedup_vs_ar is not None for r in rows)
+    header += ("guide fwd",) * guided + ("vs AR",) * versus_ar
     lines = [header]
     for r in rows:
+        extra = ((("-" if r.guide_forwards is None else f"{r.guide_forwards:.1f}"),) * guided
+                 + (("-" if r.speedup_vs_ar is None else f"{r.speedup_vs_ar:.2f}x"),) * versus_ar)
         lines.append((
             r.config, str(r.gen_length), str(r.batch_size), f"{100 * r.accuracy:.1f}%", f"{r.nfe:.1f}",
             f"{r.tokens_per_forward:.2f}", f"{r.tokens_per_second:.0f}",
@@ -385,7 +411,7 @@ def format_table(rows: list[Row]) -> str:
             "-" if r.speedup is None else f"{r.speedup:.2f}x",
             "-" if r.peak_memory_mib is None else f"{r.peak_memory_mib:.1f}",
             "-" if r.loop_overhead is None else f"{100 * r.loop_overhead:.0f}%",
-        ))
+        ) + extra)
     return markdown_table(lines)
 
 
@@ -447,7 +473,8 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
 
     from . import DiffusionGenerationMixin
 
-    parsed = [parse_config(c) for c in (configs or list(NAMED_CONFIGS))]
+    default = [name for name, c in NAMED_CONFIGS.items() if ar_model_path or c.get("guidance") is None]
+    parsed = [parse_config(c) for c in (configs or default)]
     names = [name for name, _ in parsed]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique, got {names}")
@@ -477,6 +504,9 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
                              " share the diffusion model's tokenizer")
         ar_model = AutoModelForCausalLM.from_pretrained(ar_model_path, dtype=torch_dtype).to(device).eval()
 
+    guided = [name for name, overrides in parsed if overrides.get("guidance") is not None]
+    if guided and ar_model is None:
+        raise ValueError(f"the guided configurations {guided} need an autoregressive guide: pass --ar-model")
     rows = []
     with torch.inference_mode():
         for gen_length in gen_lengths:
@@ -486,10 +516,10 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
                             {**BASE_CONFIG, "steps": gen_length, "block_length": block_length, **overrides})
                 try:  # fail fast, naming the configuration, before anything is timed (one block is enough)
                     short_length, short = one_block(settings, gen_length)
-                    solve(model, tokenizer, dev[:1], short_length, 1, short)
+                    solve(model, tokenizer, dev[:1], short_length, 1, short, guide=ar_model)
                 except ValueError as error:
                     raise ValueError(f"configuration {name!r} ({settings}) is invalid: {error}") from None
-                candidates.append(Candidate(name, model, settings))
+                candidates.append(Candidate(name, model, settings, guide=ar_model))
             if ar_model is not None:
                 candidates.append(Candidate(AR_BASELINE, ar_model, {"model": str(ar_model_path)}, autoregressive=True))
             for batch_size in batch_sizes:
