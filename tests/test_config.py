@@ -589,12 +589,17 @@ _COMMON = dict(steps=16, block_length=8, schedule="eps", alg_temp=0.5, eps=0.01,
 FREECACHE = {"cache_implementation": "freecache", "cache_config": {"window_left": 32, "window_right": 128}}
 FULL_THRESHOLD = {**_COMMON, "alg": "maskgit_plus", "threshold": 0.8, **FREECACHE}
 FULL_FACTOR = {**_COMMON, "alg": "topk_margin", "factor": 1.0, **FREECACHE}
-FULL_CONFIGS = [pytest.param(FULL_THRESHOLD, id="threshold"), pytest.param(FULL_FACTOR, id="factor")]
+# guidance replaces the commit policy and draws at its own temperature
+FULL_GUIDED = {**{k: v for k, v in _COMMON.items() if k != "temperature"}, "alg": "entropy", **FREECACHE,
+               "guidance": {"strategy": "topk_relative", "top_k": 3, "relative_threshold": 0.4, "verify_chunk": 16,
+                            "draft_temperature": 0.2, "assistant_model_id": "org/guide"}}
+FULL_CONFIGS = [pytest.param(FULL_THRESHOLD, id="threshold"), pytest.param(FULL_FACTOR, id="factor"),
+                pytest.param(FULL_GUIDED, id="guided")]
 
 
 def test_full_configs_cover_every_diffusion_field():
-    assert set(DIFFUSION_DEFAULTS) <= set(FULL_THRESHOLD) | set(FULL_FACTOR)
-    assert set(DIFFUSION_DEFAULTS) - {"factor"} <= set(FULL_THRESHOLD)
+    assert set(DIFFUSION_DEFAULTS) <= set(FULL_THRESHOLD) | set(FULL_FACTOR) | set(FULL_GUIDED)
+    assert set(DIFFUSION_DEFAULTS) - {"factor", "guidance"} <= set(FULL_THRESHOLD)
 
 
 def assert_fields(config, fields):
@@ -628,6 +633,7 @@ def test_save_and_load_round_trip(tmp_path, fields):
         "validates it against the autoregressive cache names and raises ValueError: Invalid `cache_implementation`."))),
     pytest.param({k: v for k, v in FULL_THRESHOLD.items() if k != "cache_implementation"}, id="threshold"),
     pytest.param({k: v for k, v in FULL_FACTOR.items() if k != "cache_implementation"}, id="factor"),
+    pytest.param({k: v for k, v in FULL_GUIDED.items() if k != "cache_implementation"}, id="guided"),
 ])
 def test_plain_generation_config_round_trip(tmp_path, fields):
     DiffusionGenerationConfig(**fields).save_pretrained(tmp_path)
