@@ -190,6 +190,7 @@ def test_every_named_configuration_decodes(tokenizer, name):
     """Each built-in benchmark configuration is valid and decodes a problem to the end (gen 64, block 32)."""
     model = AutoModelForCausalLM.from_pretrained(LLADA)
     settings = {**benchmark.BASE_CONFIG, "steps": 64, "block_length": 32, **benchmark.NAMED_CONFIGS[name]}
-    result = benchmark.solve(model, tokenizer, PROBLEMS[:2], 64, 2, settings)
+    guide = AutoModelForCausalLM.from_pretrained(AR) if "guidance" in settings else None  # the --ar-model
+    result = benchmark.solve(model, tokenizer, PROBLEMS[:2], 64, 2, settings, guide=guide)
     assert len(result.completions) == 2 and all(c.strip() for c in result.completions)
     assert all(call["nfe"] >= 1 and min(call["tokens"]) >= 1 for call in result.calls)

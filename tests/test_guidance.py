@@ -284,6 +284,8 @@ def test_the_guide_is_loaded_from_assistant_model_id(tokenizer, guide, dllm, mon
     assert dllm.__dict__["_dlm_loaded_guide"][1] is not guide  # loaded once and kept
     again = dllm.diffusion_generate(**inputs, generation_config=config)
     assert torch.equal(again, loaded)
+    beside = DiffusionGenerationConfig(guidance={"assistant_model_id": "../tiny-ar-chain-arith"})  # from its folder
+    assert torch.equal(dllm.diffusion_generate(**inputs, generation_config=beside), passed)
 
 
 def test_guidance_without_a_guide_says_how_to_pass_one(tokenizer, dllm):

@@ -42,6 +42,7 @@ SHARED_CODE = [
     "diffusion_cache.py",
     "diffusion_caches.py",
     "diffusion_adaptive_caches.py",
+    "diffusion_guidance.py",
     "diffusion_kv_caches.py",
     "diffusion_strategies.py",
     "modeling_diffusion_utils.py",
@@ -169,7 +170,7 @@ def test_saved_code_has_no_absolute_package_import(saved):
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    assert alias.name.split(".")[0] in {"torch", "transformers", "math", "copy", "difflib", "functools"}, (
+                    assert alias.name.split(".")[0] in {"torch", "transformers", "math", "copy", "difflib", "functools", "os"}, (
                         path.name,
                         alias.name,
                     )

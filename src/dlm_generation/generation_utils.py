@@ -432,14 +432,14 @@ class DiffusionGenerationMixin(GenerationMixin):
             )
         loaded = self.__dict__.get("_dlm_loaded_guide")
         if loaded is None or loaded[0] != model_id:
-            from pathlib import Path
+            import os
 
             from transformers import AutoModelForCausalLM
 
             source = model_id
-            own_folder = Path(str(getattr(self, "name_or_path", "") or "."))
-            if not Path(model_id).exists() and (own_folder / model_id).is_dir():
-                source = str(own_folder / model_id)  # a guide stored inside the model's folder
+            beside = os.path.join(str(getattr(self, "name_or_path", "") or "."), model_id)
+            if not os.path.exists(model_id) and os.path.isdir(beside):
+                source = beside  # a path relative to the model's own folder
             model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype).to(self.device).eval()
             self.__dict__["_dlm_loaded_guide"] = loaded = (model_id, model)
         return loaded[1]
