@@ -1,0 +1,271 @@
+"""`dlm-generate`: diffusion generation from the command line.
+
+    dlm-generate model_cards/tiny-llada-chain-arith --prompt "Start with 63. Subtract 39. Add 46."
+    dlm-generate MODEL --prompts-file questions.txt --threshold 0.9 --cache-implementation dual --json
+    echo "Start with 8. Add 75." | dlm-generate MODEL --prompts-file -
+    dlm-generate MODEL --chat
+
+Every field of `DiffusionGenerationConfig` that `diffusion_generate` reads is a flag (`--block-length 32`,
+`--eos-early-stop`, `--cache-config '{"window_left": 64}'`; values are read as JSON, so `--block-length null`
+asks for the default); flags left out keep the model's own `generation_config.json`. Completions go to stdout, followed by a stats line; `--json` prints one JSON document
+instead; a progress bar on stderr follows many prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from typing import Any
+
+from .configuration_diffusion import LIBRARY_DEFAULTS, DiffusionGenerationConfig
+
+# Fields that the CLI sets itself.
+CLI_OWNED = {"return_dict_in_generate"}
+# Help for the fields that `GenerationConfig` owns (the diffusion fields' help comes from the config docstring).
+SHARED_HELP = {
+    "max_new_tokens": "canvas length: the number of positions generated after the prompt",
+    "max_length": "prompt + generated length (alternative to max_new_tokens)",
+    "temperature": "0 = greedy (default); > 0 samples with Gumbel noise",
+    "top_p": "nucleus sampling threshold in (0, 1]",
+    "top_k": "sample only among the k most likely tokens",
+    "do_sample": "False forces greedy decoding",
+    "num_return_sequences": "completions per prompt",
+    "cache_implementation": "diffusion cache: prefix, dual, freecache, dllm or d2cache",
+    "cache_config": "the cache's hyper-parameters as JSON, e.g. '{\"window_left\": 64}'",
+    "stop_strings": "stop a row once its text contains this string (JSON list for several)",
+    "pad_token_id": "token written after a row's end",
+    "bos_token_id": "beginning-of-sequence token id",
+    "eos_token_id": "end-of-sequence token id (JSON list for several)",
+}
+
+
+def field_help() -> dict[str, str]:
+    """One line of help per config field, read from the `DiffusionGenerationConfig` docstring."""
+    doc = DiffusionGenerationConfig.__doc__ or ""
+    entries = re.findall(r"^\s*- ((?:`\w+`(?:, )?)+) \(([^)]*)\): (.*?)(?=^\s*- `|^\s*$)", doc, re.M | re.S)
+    helps = dict(SHARED_HELP)
+    for names, kind, text in entries:
+        line = " ".join(text.split())
+        for name in re.findall(r"`(\w+)`", names):
+            helps[name] = f"({kind}) {line}"
+    return helps
+
+
+def parse_value(text: str) -> Any:
+    """A flag's value: JSON when it parses (numbers, true/false, null, lists, dicts), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlm-generate",
+        description="Generate with a diffusion language model (LLaDA, Dream) through dlm-generation. Prompts come "
+                    "from --prompt (repeatable), --prompts-file (one per line; '-' reads stdin) or --chat.",
+        epilog="Decoding flags not given keep the model's generation_config.json. Example: dlm-generate "
+               "model_cards/tiny-llada-chain-arith --prompt 'Start with 63. Subtract 39. Add 46.' --threshold 0.9 "
+               "--alg low_confidence --cache-implementation dual",
+    )
+    parser.add_argument("model", help="a model folder or Hub id (LLaDA or Dream)")
+    source = parser.add_argument_group("prompts")
+    source.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
+    source.add_argument("--prompts-file", help="a file with one prompt per line; '-' reads standard input")
+    source.add_argument("--chat", action="store_true", help="an interactive chat (the model's chat template)")
+    source.add_argument("--raw", action="store_true",
+                        help="do not wrap prompts in the tokenizer's chat template (used by default when it has one)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--batch-size", type=int, default=8, help="prompts per diffusion_generate call (default 8)")
+    run.add_argument("--assistant-model", help="an autoregressive guide (folder or Hub id) for AR-guided diffusion")
+    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    run.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
+    run.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    config = parser.add_argument_group("decoding (fields of DiffusionGenerationConfig)")
+    helps = field_help()
+    for name, default in LIBRARY_DEFAULTS.items():
+        if name in CLI_OWNED:
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = helps.get(name, "see DiffusionGenerationConfig")
+        # Flags left out are absent from the namespace (SUPPRESS), so an explicit `null` can still be passed.
+        if isinstance(default, bool) or name == "do_sample":
+            config.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=text)
+        else:
+            config.add_argument(flag, dest=name, type=parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+                                help=text)
+    return parser
+
+
+def read_prompts(args, parser) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if args.prompts_file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            try:
+                with open(args.prompts_file, encoding="utf-8") as handle:
+                    lines = handle.read().splitlines()
+            except OSError as error:
+                parser.error(f"cannot read --prompts-file {args.prompts_file}: {error.strerror}")
+        prompts += [line for line in lines if line.strip()]
+    if not prompts and not args.chat:
+        parser.error("no prompt: pass --prompt TEXT, --prompts-file FILE (or - for stdin), or --chat")
+    if prompts and args.chat:
+        parser.error("--chat reads its prompts interactively; drop --prompt / --prompts-file")
+    return prompts
+
+
+def load(args, parser):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import dlm_generation  # noqa: F401  (registers LLaDA and Dream)
+
+    from .generation_utils import DiffusionGenerationMixin
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    except OSError as error:
+        parser.error(f"cannot load {args.model!r}: {str(error).splitlines()[0]}")
+    if not isinstance(model, DiffusionGenerationMixin):
+        parser.error(f"{args.model} holds a {type(model).__name__}, not a diffusion model (LLaDA or Dream); pass an "
+                     "autoregressive model as --assistant-model")
+    tokenizer.padding_side = "left"  # the canvas follows the prompt
+    guide = None
+    if args.assistant_model:
+        try:
+            guide = AutoModelForCausalLM.from_pretrained(args.assistant_model, dtype=dtype).to(args.device).eval()
+        except OSError as error:
+            parser.error(f"cannot load --assistant-model {args.assistant_model!r}: {str(error).splitlines()[0]}")
+    return model, tokenizer, guide
+
+
+def config_overrides(args) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in LIBRARY_DEFAULTS if name not in CLI_OWNED and hasattr(args, name)}
+
+
+def encode(tokenizer, messages_or_prompts, use_template: bool, device):
+    if use_template:
+        return tokenizer.apply_chat_template(messages_or_prompts, add_generation_prompt=True, padding=True,
+                                             return_tensors="pt", return_dict=True).to(device)
+    return tokenizer(messages_or_prompts, return_tensors="pt", padding=True).to(device)
+
+
+def generate(model, tokenizer, guide, inputs, overrides) -> tuple[list[str], dict]:
+    """Decode one batch; return the completions (cut at the first stop token) and the call's stats."""
+    extra = {"assistant_model": guide} if guide is not None else {}
+    began = time.perf_counter()
+    out = model.diffusion_generate(**inputs, tokenizer=tokenizer, return_dict_in_generate=True, **overrides, **extra)
+    seconds = time.perf_counter() - began
+    prompt_len = inputs["input_ids"].shape[1]
+    generated = out.sequences[:, prompt_len:]
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else model.config.eos_token_id
+    stops = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    lengths = [next((i + 1 for i, token in enumerate(row) if token in stops), len(row)) for row in generated.tolist()]
+    completions = tokenizer.batch_decode([row[:n] for row, n in zip(generated.tolist(), lengths)],
+                                         skip_special_tokens=True)
+    stats = {"nfe": out.nfe, "tokens": sum(lengths), "seconds": seconds,
+             "guide_forwards": out.assistant_forwards}
+    return completions, stats
+
+
+def stats_line(stats: dict) -> str:
+    per_forward = stats["tokens"] / max(stats["nfe"], 1)
+    guide = "" if stats.get("guide_forwards") is None else f", guide forwards {stats['guide_forwards']}"
+    return (f"[NFE {stats['nfe']}{guide}, {stats['tokens']} tokens, {per_forward:.2f} tokens/forward, "
+            f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s, {stats['seconds']:.2f} s]")
+
+
+def chat(model, tokenizer, guide, overrides, device, use_template: bool) -> int:
+    """Interactive session: each reply is generated from the whole conversation (the chat template's format)."""
+    messages: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model; an empty line or Ctrl-D ends the session.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line.strip()})
+        inputs = encode(tokenizer, [messages] if use_template else [line.strip()], use_template, device)
+        completions, stats = generate(model, tokenizer, guide, inputs, overrides)
+        reply = completions[0].strip()
+        messages.append({"role": "assistant", "content": reply})
+        print(reply)
+        print(stats_line(stats), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args, parser)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    overrides = config_overrides(args)
+    try:
+        DiffusionGenerationConfig(**overrides)  # every bad flag value, reported before the model loads
+    except ValueError as error:
+        parser.error(str(error))
+    model, tokenizer, guide = load(args, parser)
+    use_template = not args.raw and tokenizer.chat_template is not None
+    with torch.inference_mode():
+        try:
+            if args.chat:
+                return chat(model, tokenizer, guide, overrides, args.device, use_template)
+            return run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template)
+        except ValueError as error:  # what diffusion_generate refuses (prompt too long, guide vocabulary, ...)
+            parser.error(str(error))
+
+
+def run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template) -> int:
+    from tqdm.auto import tqdm
+
+    results, totals = [], {"nfe": 0, "tokens": 0, "seconds": 0.0, "guide_forwards": None}
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    bar = tqdm(total=len(prompts), unit="prompt", disable=len(batches) < 2, file=sys.stderr)
+    copies = overrides.get("num_return_sequences") or 1
+    for batch in batches:
+        messages = [[{"role": "user", "content": p}] for p in batch] if use_template else batch
+        completions, stats = generate(model, tokenizer, guide, encode(tokenizer, messages, use_template, args.device),
+                                      overrides)
+        for index, prompt in enumerate(batch):
+            results.append({"prompt": prompt, "completions": completions[index * copies:(index + 1) * copies]})
+        for key in ("nfe", "tokens", "seconds"):
+            totals[key] += stats[key]
+        if stats["guide_forwards"] is not None:
+            totals["guide_forwards"] = (totals["guide_forwards"] or 0) + stats["guide_forwards"]
+        bar.update(len(batch))
+    bar.close()
+    if args.json:
+        totals["tokens_per_forward"] = totals["tokens"] / max(totals["nfe"], 1)
+        totals["tokens_per_second"] = totals["tokens"] / max(totals["seconds"], 1e-9)
+        print(json.dumps({"model": args.model, "config": overrides, "results": results, "stats": totals},
+                         indent=2, default=str))
+        return 0
+    for result in results:
+        for completion in result["completions"]:
+            print(completion.strip())
+    print(stats_line(totals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

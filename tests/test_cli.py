@@ -1,0 +1,113 @@
+"""`dlm-generate`: prompts from flags, files, stdin and chat; config fields as flags; JSON output; clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dlm_generation import cli
+from dlm_generation.configuration_diffusion import LIBRARY_DEFAULTS
+from dlm_generation.tasks.chain_arith import dev_split, is_correct
+
+CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+LLADA = str(CARDS / "tiny-llada-chain-arith")
+DREAM = str(CARDS / "tiny-dream-chain-arith")
+AR = str(CARDS / "tiny-ar-chain-arith")
+PROBLEMS = dev_split()[:3]
+
+
+def run_json(capsys, *argv) -> dict:
+    assert cli.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_every_config_field_is_a_flag_with_help():
+    parser = cli.build_parser()
+    flags = {action.dest: action for action in parser._actions}
+    for name in LIBRARY_DEFAULTS:
+        if name in cli.CLI_OWNED:
+            continue
+        assert name in flags, name
+        assert flags[name].help and flags[name].help != "see DiffusionGenerationConfig", name
+    assert "Fast-dLLM parallel decoding" in flags["threshold"].help  # from the config's docstring
+
+
+def test_prompts_and_flags_reach_diffusion_generate(capsys):
+    report = run_json(capsys, LLADA, *[a for p in PROBLEMS for a in ("--prompt", p.question)], "--eos-early-stop",
+                      "--block-length", "32", "--max-new-tokens", "64")
+    assert report["config"] == {"eos_early_stop": True, "block_length": 32, "max_new_tokens": 64}
+    completions = [r["completions"][0] for r in report["results"]]
+    assert [r["prompt"] for r in report["results"]] == [p.question for p in PROBLEMS]
+    assert sum(is_correct(c, p) for c, p in zip(completions, PROBLEMS)) >= 2
+    stats = report["stats"]
+    assert stats["nfe"] >= 1 and stats["tokens"] > 0 and stats["tokens_per_forward"] > 0 and stats["seconds"] > 0
+
+
+def test_text_output_has_one_line_per_completion_and_a_stats_line(capsys):
+    assert cli.main([LLADA, "--prompt", PROBLEMS[0].question, "--threshold", "0.9", "--alg", "low_confidence",
+                     "--cache-implementation", "dual", "--max-new-tokens", "64"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "####" in lines[0]
+    assert lines[1].startswith("[NFE ") and "tokens/forward" in lines[1] and "tokens/s" in lines[1]
+
+
+def test_prompts_from_a_file_and_from_stdin(capsys, tmp_path, monkeypatch):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("\n".join(p.question for p in PROBLEMS[:2]) + "\n\n")
+    from_file = run_json(capsys, LLADA, "--prompts-file", str(questions), "--max-new-tokens", "64", "--batch-size",
+                         "1")
+    monkeypatch.setattr("sys.stdin", io.StringIO(questions.read_text()))
+    from_stdin = run_json(capsys, LLADA, "--prompts-file", "-", "--max-new-tokens", "64")
+    assert [r["prompt"] for r in from_file["results"]] == [p.question for p in PROBLEMS[:2]]
+    # batch 1 and batch 2 decode the same text (each row equals its solo run)
+    assert from_file["results"] == from_stdin["results"]
+
+
+def test_chat_session_reads_turns_until_an_empty_line(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PROBLEMS[0].question}\n{PROBLEMS[1].question}\n\n"))
+    assert cli.main([LLADA, "--chat", "--max-new-tokens", "64", "--eos-early-stop"]) == 0
+    captured = capsys.readouterr()
+    replies = captured.out.strip().splitlines()
+    assert len(replies) == 2 and all("####" in r for r in replies)
+    assert captured.err.count("[NFE ") == 2
+
+
+def test_guided_generation_from_the_command_line(capsys):
+    report = run_json(capsys, DREAM, "--prompt", PROBLEMS[0].question, "--assistant-model", AR, "--block-length",
+                      "null", "--guidance", '{"strategy": "speculative"}')
+    assert report["config"] == {"block_length": None, "guidance": {"strategy": "speculative"}}
+    assert report["stats"]["guide_forwards"] >= 1
+    assert is_correct(report["results"][0]["completions"][0], PROBLEMS[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([LLADA], r"no prompt: pass --prompt TEXT, --prompts-file FILE \(or - for stdin\), or --chat"),
+    ([LLADA, "--prompt", "x", "--threshold", "2"], r"threshold must be in \(0, 1\], got 2"),
+    ([LLADA, "--prompt", "x", "--cache-implementation", "fast"], r"cache_implementation='fast' is not a diffusion cache"),
+    ([LLADA, "--prompt", "x", "--block-length", "7"], r"max_new_tokens \(256\) must be a multiple of block_length"),
+    ([LLADA, "--prompts-file", "/nonexistent/q.txt"], r"cannot read --prompts-file /nonexistent/q.txt"),
+    ([LLADA, "--chat", "--prompt", "x"], r"--chat reads its prompts interactively"),
+    ([LLADA, "--prompt", "x", "--batch-size", "0"], r"--batch-size must be at least 1, got 0"),
+    ([AR, "--prompt", "x"], r"holds a Qwen2ForCausalLM, not a diffusion model .* pass an autoregressive model as "
+                            r"--assistant-model"),
+    (["/nonexistent/model", "--prompt", "x"], r"cannot load '/nonexistent/model'"),
+])
+def test_bad_input_exits_with_a_clear_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err), message
+
+
+def test_the_installed_command_prints_help():
+    command = shutil.which("dlm-generate")
+    assert command, "dlm-generate is not on PATH: pip install -e . installs it"
+    result = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120, check=True)
+    assert "--cache-implementation" in result.stdout and "--assistant-model" in result.stdout
