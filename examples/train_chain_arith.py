@@ -52,6 +52,14 @@ from dlm_generation import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 from dlm_generation.benchmark import BASE_CONFIG, solve
 from dlm_generation.hub import save_without_code
 from dlm_generation.tasks.chain_arith import accuracy, dev_split, train_problems
+from dlm_generation.training import (  # noqa: F401  (BLOCK_LENGTHS, PAD_WEIGHT, ...: the tests read them here)
+    BLOCK_LENGTHS,
+    BLOCK_WEIGHTS,
+    PAD_WEIGHT,
+    decode_state_mask,
+    masked_diffusion_loss,
+    result_positions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "model_cards" / "tiny-chain-arith-tokenizer"
@@ -230,10 +238,7 @@ def ar_loss(model, problems, tokenizer) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-BLOCK_LENGTHS = (8, 16, 32, 64)  # block sizes of the decode-state masks, drawn with BLOCK_WEIGHTS
-BLOCK_WEIGHTS = (2, 1, 3, 1)
 PROBLEMS_PER_STEP = 256  # problem indices reserved per step (a step uses as many as its canvas length allows)
-PAD_WEIGHT = 16.0  # in whole-canvas masks, the EOS padding after the first EOS weighs as much as 16 tokens in all
 
 
 def diffusion_batch(step: int, args: argparse.Namespace) -> tuple[list, int]:
@@ -250,113 +255,12 @@ def diffusion_batch(step: int, args: argparse.Namespace) -> tuple[list, int]:
     return train_problems(step * PROBLEMS_PER_STEP, step * PROBLEMS_PER_STEP + rows), canvas
 
 
-def result_positions(completion: list[int], tokenizer) -> list[int]:
-    """Indices of the completion's computed digits: each result after ` =` and the answer after ` ####`.
-
-    These are the tokens that need the arithmetic (the rest is copied from the prompt or fixed format), so
-    decode states with the frontier on them teach what decoding gets wrong.
-    """
-    pieces = tokenizer.convert_ids_to_tokens(completion)
-    text = [tokenizer.convert_tokens_to_string([piece]) for piece in pieces]
-    positions, after_sign = [], False
-    for index, piece in enumerate(text):
-        if piece.strip() in ("=", "####"):
-            after_sign = True
-        elif piece.strip().isdigit() and after_sign:
-            positions.append(index)
-        elif piece.strip():
-            after_sign = False
-    return positions
-
-
-def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: float,
-                      lookahead_weight: float = 1.0, hard: list[int] = (),
-                      hard_prob: float = 0.0) -> tuple[list[bool], list[float]]:
-    """Which canvas positions are masked, and the loss weight of each, for one training row.
-
-    With probability `block_prob` a *decode state* of semi-autoregressive decoding: a block length and a block are
-    drawn (any block up to the one after the block holding the first EOS); everything before the block is clean,
-    everything after it masked, and inside it either a clean left part (what left-to-right-ish decoding leaves)
-    or a random subset is masked; only the block's masked positions carry loss: its first masked position (the
-    decoding frontier, whose prediction is what left-to-right-ish decoding commits) weight 1, the ones after it
-    `lookahead_weight`. With probability `hard_prob` a decode state is centred on one of the `hard` positions (the
-    computed digits, see `result_positions`) instead: the block is the one holding it, it is masked (the frontier in
-    the contiguous case) and carries weight 1. Otherwise LLaDA's uniform masking
-    over the whole canvas (ratio t ~ U(0, 1]); the EOS padding after the first EOS (positions >= `answer`)
-    then carries PAD_WEIGHT in all, so long canvases do not drown the answer in EOS targets.
-    """
-    if rng.random() < block_prob:
-        block = rng.choices(BLOCK_LENGTHS, BLOCK_WEIGHTS)[0]
-        if hard and hard_prob and rng.random() < hard_prob:
-            target = rng.choice(hard)
-            start = block * (target // block)
-            stop = min(canvas, start + block)
-            size = stop - start
-            if rng.random() < 0.5:
-                inside = [i >= target - start for i in range(size)]
-            else:
-                others = [i for i in range(size) if i != target - start]
-                chosen = set(rng.sample(others, rng.randint(0, len(others)))) | {target - start}
-                inside = [i in chosen for i in range(size)]
-            masked = [False] * start + inside + [True] * (canvas - stop)
-            frontier = start + inside.index(True)
-            weights = [0.0] * canvas
-            weights[frontier + 1 : stop] = [lookahead_weight * m for m in inside[frontier - start + 1:]]
-            weights[frontier] = weights[target] = 1.0
-            return masked, weights
-        last = min((canvas - 1) // block, (answer - 1) // block + 1)
-        start = block * rng.randint(0, last)
-        stop = min(canvas, start + block)
-        size = stop - start
-        if rng.random() < 0.5:
-            clean = rng.randint(0, size - 1)
-            inside = [i >= clean for i in range(size)]
-        else:
-            chosen = set(rng.sample(range(size), rng.randint(1, size)))
-            inside = [i in chosen for i in range(size)]
-        masked = [False] * start + inside + [True] * (canvas - stop)
-        frontier = start + inside.index(True)
-        weights = [0.0] * canvas
-        weights[frontier] = 1.0
-        weights[frontier + 1 : stop] = [lookahead_weight] * (stop - frontier - 1)
-        return masked, weights
-    t = rng.uniform(1e-3, 1.0)
-    masked = [rng.random() < t for _ in range(canvas)]
-    if not any(masked):
-        masked[rng.randrange(canvas)] = True
-    pad = canvas - answer
-    weights = [1.0] * answer + [min(1.0, PAD_WEIGHT / pad) if pad else 0.0] * pad
-    return masked, weights
-
-
 def mdm_loss(model, problems, tokenizer, kind: str, canvas: int, seed: int, block_prob: float,
              lookahead_weight: float = 1.0, hard_prob: float = 0.0) -> torch.Tensor:
-    """Masked-diffusion loss on the states decoding visits (see `decode_state_mask`); the mean over rows of each
-    row's weighted mean cross-entropy on its masked positions. Dream is shifted: the logits at i-1 predict i."""
+    """`dlm_generation.training.masked_diffusion_loss` on chain-arith problems (`kind` is implied by the model)."""
     prompts, completions = encode(problems, tokenizer)
-    canvas = max(canvas, max(len(c) for c in completions))
-    length = max(len(p) for p in prompts) + canvas
-    batch = len(problems)
-    clean = torch.full((batch, length), tokenizer.eos_token_id)
-    masked = torch.zeros(batch, length, dtype=torch.bool)
-    weights = torch.zeros(batch, length)
-    rng = random.Random(seed)
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        clean[row, : len(p) + len(c)] = torch.tensor(p + c)
-        row_canvas = length - len(p)  # shorter prompts get a longer canvas (the batch shares one length)
-        hard = result_positions(c, tokenizer) if hard_prob else ()
-        row_masked, row_weights = decode_state_mask(rng, len(c), row_canvas, block_prob, lookahead_weight,
-                                                    hard, hard_prob)
-        masked[row, len(p):] = torch.tensor(row_masked)
-        weights[row, len(p):] = torch.tensor(row_weights)
-    noisy = torch.where(masked, tokenizer.mask_token_id, clean)
-    logits = model(input_ids=noisy).logits
-    if kind == "dream":  # shifted: position i-1 predicts token i
-        logits, clean, masked, weights = logits[:, :-1], clean[:, 1:], masked[:, 1:], weights[:, 1:]
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1), reduction="none")
-    weights = weights * masked
-    row_loss = (token_loss.view(batch, -1) * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
-    return row_loss[weights.sum(1) > 0].mean()
+    return masked_diffusion_loss(model, prompts, completions, tokenizer, canvas, seed, block_prob, lookahead_weight,
+                                 hard_prob)
 
 
 # ----------------------------------------------------------------------------------------------------------- eval

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=int, default=8, help="prompts per diffusion_generate call (default 8)")
     run.add_argument("--assistant-model", help="an autoregressive guide (folder or Hub id) for AR-guided diffusion")
+    run.add_argument("--peft", help="a PEFT (LoRA) adapter folder or Hub id to apply to the model")
     run.add_argument("--device", default="cpu", help="torch device (default cpu)")
     run.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     run.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
@@ -139,6 +140,13 @@ def load(args, parser):
     if not isinstance(model, DiffusionGenerationMixin):
         parser.error(f"{args.model} holds a {type(model).__name__}, not a diffusion model (LLaDA or Dream); pass an "
                      "autoregressive model as --assistant-model")
+    if args.peft:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, args.peft).eval()
+        except (OSError, ValueError) as error:
+            parser.error(f"cannot load the adapter --peft {args.peft!r}: {str(error).splitlines()[0]}")
     tokenizer.padding_side = "left"  # the canvas follows the prompt
     guide = None
     if args.assistant_model:

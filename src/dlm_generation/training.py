@@ -1,0 +1,135 @@
+"""Training objective of the shipped diffusion models: masked-diffusion loss on the states decoding visits.
+
+`masked_diffusion_loss` is what `examples/train_chain_arith.py` trains with and what a LoRA fine-tune can use
+(`examples/finetune_lora.py`). Semi-autoregressive decoding sees everything before the current block committed,
+the block partly masked and everything after it masked; `decode_state_mask` draws such states (and, for the rest,
+LLaDA's uniform masking over the whole canvas).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_LENGTHS = (8, 16, 32, 64)  # block sizes of the decode-state masks, drawn with BLOCK_WEIGHTS
+BLOCK_WEIGHTS = (2, 1, 3, 1)
+PAD_WEIGHT = 16.0  # in whole-canvas masks, the EOS padding after the first EOS weighs as much as 16 tokens in all
+
+
+def result_positions(completion: list[int], tokenizer) -> list[int]:
+    """Indices of the completion's computed digits: each result after ` =` and the answer after ` ####`.
+
+    These are the tokens that need the arithmetic (the rest is copied from the prompt or fixed format), so
+    decode states with the frontier on them teach what decoding gets wrong.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(completion)
+    text = [tokenizer.convert_tokens_to_string([piece]) for piece in pieces]
+    positions, after_sign = [], False
+    for index, piece in enumerate(text):
+        if piece.strip() in ("=", "####"):
+            after_sign = True
+        elif piece.strip().isdigit() and after_sign:
+            positions.append(index)
+        elif piece.strip():
+            after_sign = False
+    return positions
+
+
+def decode_state_mask(rng: random.Random, answer: int, canvas: int, block_prob: float,
+                      lookahead_weight: float = 1.0, hard: list[int] = (),
+                      hard_prob: float = 0.0) -> tuple[list[bool], list[float]]:
+    """Which canvas positions are masked, and the loss weight of each, for one training row.
+
+    With probability `block_prob` a *decode state* of semi-autoregressive decoding: a block length and a block are
+    drawn (any block up to the one after the block holding the first EOS); everything before the block is clean,
+    everything after it masked, and inside it either a clean left part (what left-to-right-ish decoding leaves)
+    or a random subset is masked; only the block's masked positions carry loss: its first masked position (the
+    decoding frontier, whose prediction is what left-to-right-ish decoding commits) weight 1, the ones after it
+    `lookahead_weight`. With probability `hard_prob` a decode state is centred on one of the `hard` positions (the
+    computed digits, see `result_positions`) instead: the block is the one holding it, it is masked (the frontier in
+    the contiguous case) and carries weight 1. Otherwise LLaDA's uniform masking
+    over the whole canvas (ratio t ~ U(0, 1]); the EOS padding after the first EOS (positions >= `answer`)
+    then carries PAD_WEIGHT in all, so long canvases do not drown the answer in EOS targets.
+    """
+    if rng.random() < block_prob:
+        block = rng.choices(BLOCK_LENGTHS, BLOCK_WEIGHTS)[0]
+        if hard and hard_prob and rng.random() < hard_prob:
+            target = rng.choice(hard)
+            start = block * (target // block)
+            stop = min(canvas, start + block)
+            size = stop - start
+            if rng.random() < 0.5:
+                inside = [i >= target - start for i in range(size)]
+            else:
+                others = [i for i in range(size) if i != target - start]
+                chosen = set(rng.sample(others, rng.randint(0, len(others)))) | {target - start}
+                inside = [i in chosen for i in range(size)]
+            masked = [False] * start + inside + [True] * (canvas - stop)
+            frontier = start + inside.index(True)
+            weights = [0.0] * canvas
+            weights[frontier + 1 : stop] = [lookahead_weight * m for m in inside[frontier - start + 1:]]
+            weights[frontier] = weights[target] = 1.0
+            return masked, weights
+        last = min((canvas - 1) // block, (answer - 1) // block + 1)
+        start = block * rng.randint(0, last)
+        stop = min(canvas, start + block)
+        size = stop - start
+        if rng.random() < 0.5:
+            clean = rng.randint(0, size - 1)
+            inside = [i >= clean for i in range(size)]
+        else:
+            chosen = set(rng.sample(range(size), rng.randint(1, size)))
+            inside = [i in chosen for i in range(size)]
+        masked = [False] * start + inside + [True] * (canvas - stop)
+        frontier = start + inside.index(True)
+        weights = [0.0] * canvas
+        weights[frontier] = 1.0
+        weights[frontier + 1 : stop] = [lookahead_weight] * (stop - frontier - 1)
+        return masked, weights
+    t = rng.uniform(1e-3, 1.0)
+    masked = [rng.random() < t for _ in range(canvas)]
+    if not any(masked):
+        masked[rng.randrange(canvas)] = True
+    pad = canvas - answer
+    weights = [1.0] * answer + [min(1.0, PAD_WEIGHT / pad) if pad else 0.0] * pad
+    return masked, weights
+
+
+def masked_diffusion_loss(model, prompts: list[list[int]], completions: list[list[int]], tokenizer, canvas: int = 0,
+                          seed: int = 0, block_prob: float = 0.0, lookahead_weight: float = 1.0,
+                          hard_prob: float = 0.0) -> torch.Tensor:
+    """Masked-diffusion loss of a batch, on the states decoding visits (see `decode_state_mask`): the mean over rows
+    of each row's weighted mean cross-entropy on its masked completion positions; the prompt is never masked.
+
+    `prompts` are token ids (BOS + prompt), `completions` token ids ending with EOS; every row's canvas is padded
+    with EOS to `canvas` positions (at least the longest completion), as LLaDA's SFT pads. `block_prob` is the share
+    of rows that get a semi-autoregressive decode state instead of uniform masking, `hard_prob` the share of those
+    centred on a computed digit (`result_positions`, chain-arith's format). The draw is seeded by `seed`. A model
+    with `diffusion_logits_shift = 1` (Dream; also through a PEFT wrapper) reads position i's prediction at i - 1.
+    This is the loss `examples/train_chain_arith.py` trains the shipped models with.
+    """
+    canvas = max(canvas, max(len(c) for c in completions))
+    length = max(len(p) for p in prompts) + canvas
+    batch = len(prompts)
+    clean = torch.full((batch, length), tokenizer.eos_token_id)
+    masked = torch.zeros(batch, length, dtype=torch.bool)
+    weights = torch.zeros(batch, length)
+    rng = random.Random(seed)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        clean[row, : len(p) + len(c)] = torch.tensor(p + c)
+        row_canvas = length - len(p)  # shorter prompts get a longer canvas (the batch shares one length)
+        hard = result_positions(c, tokenizer) if hard_prob else ()
+        row_masked, row_weights = decode_state_mask(rng, len(c), row_canvas, block_prob, lookahead_weight,
+                                                    hard, hard_prob)
+        masked[row, len(p):] = torch.tensor(row_masked)
+        weights[row, len(p):] = torch.tensor(row_weights)
+    noisy = torch.where(masked, tokenizer.mask_token_id, clean)
+    logits = model(input_ids=noisy).logits
+    if getattr(model, "diffusion_logits_shift", 0):  # shifted (Dream): position i-1 predicts token i
+        logits, clean, masked, weights = logits[:, :-1], clean[:, 1:], masked[:, 1:], weights[:, 1:]
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1), reduction="none")
+    weights = weights * masked
+    row_loss = (token_loss.view(batch, -1) * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+    return row_loss[weights.sum(1) > 0].mean()
