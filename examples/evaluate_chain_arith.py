@@ -62,7 +62,7 @@ def evaluate_row(model, tokenizer, name: str, problems, batch_size: int) -> dict
     gen_length, block_length, _ = ROWS[name]
     settings = row_settings(name)
     began = time.perf_counter()
-    result = solve(model, tokenizer, problems, gen_length, batch_size, settings)
+    result = solve(model, tokenizer, problems, gen_length, batch_size, settings, progress=name)
     return {"row": name, "gen_length": gen_length, "block_length": block_length or gen_length,
             "settings": {k: v for k, v in settings.items() if v is not None}, "problems": len(problems),
             "accuracy": accuracy(result.completions, problems),

@@ -216,16 +216,24 @@ def prompt_batches(tokenizer, problems: list[ChainArithProblem], batch_size: int
 
 
 def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, batch_size: int,
-          settings: dict | None = None, autoregressive: bool = False, sync: bool = False, guide=None) -> Pass:
+          settings: dict | None = None, autoregressive: bool = False, sync: bool = False, guide=None,
+          progress: str | None = None) -> Pass:
     """Decode `problems` in batches of `batch_size`.
 
     Diffusion models go through `diffusion_generate(**settings)`; `autoregressive=True` uses `generate` (greedy,
-    KV cache) and counts its forwards; `guide` is the AR guide of guided settings. Only the generate calls are timed (tokenising and decoding are not), and
+    KV cache) and counts its forwards; `guide` is the AR guide of guided settings; `progress` names a progress bar
+    over the batches (on stderr; none when None or for a single batch). Only the generate calls are timed (tokenising and decoding are not), and
     completions are cut at the first EOS before decoding, so text after it is never scored.
     """
     device = next(model.parameters()).device
     completions, calls, seconds = [], [], 0.0
-    for _, inputs in prompt_batches(tokenizer, problems, batch_size, device):
+    from tqdm.auto import tqdm
+
+    batches = -(-len(problems) // batch_size)
+    bar = tqdm(total=len(problems), desc=progress, unit="problem", file=sys.stderr, leave=False,
+               disable=progress is None or batches < 2)
+    for chunk, inputs in prompt_batches(tokenizer, problems, batch_size, device):
+        bar.update(len(chunk))
         prompt_len = inputs.input_ids.shape[1]
         counter = ForwardTimer(model, sync=False) if autoregressive else None
         began = time.perf_counter()
@@ -253,6 +261,7 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
         )
         calls.append({"nfe": nfe, "tokens": lengths.tolist(),
                       "guide_forwards": None if autoregressive else out.assistant_forwards})
+    bar.close()
     return Pass(completions, calls, seconds)
 
 
@@ -321,7 +330,9 @@ class Candidate:
         baseline = memory.reset()
         timer = ForwardTimer(self.model, sync=sync)
         try:
-            self.first = self.run(tokenizer, problems, gen_length, batch_size, sync)
+            self.first = solve(self.model, tokenizer, problems, gen_length, batch_size, self.settings,
+                               self.autoregressive, sync=sync, guide=self.guide,
+                               progress=f"{self.name} gen={gen_length} batch={batch_size}")
         finally:
             timer.remove()
         peak = memory.read_mib()
