@@ -1,0 +1,83 @@
+"""lm-eval integration: the `dlm` model type (generate_until, Monte Carlo loglikelihood), the packaged
+chain_arith task scored as the project's scorer, and the `dlm-eval` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dlm_generation import eval as dlm_eval
+from dlm_generation.benchmark import solve
+from dlm_generation.tasks.chain_arith import accuracy as chain_arith_accuracy
+from dlm_generation.tasks.chain_arith import dev_split
+
+CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+LLADA = str(CARDS / "tiny-llada-chain-arith")
+DREAM = str(CARDS / "tiny-dream-chain-arith")
+
+
+@pytest.fixture(scope="module")
+def llada_lm():
+    return dlm_eval.DiffusionLM(pretrained=LLADA, device="cpu", batch_size=4, mc_num=16)
+
+
+def test_chain_arith_task_reproduces_the_benchmark_accuracy():
+    """dlm-eval's chain_arith on the first problems equals the benchmark's scorer on the same decoding."""
+    limit = 4
+    results = simple_evaluate(model="dlm", model_args={"pretrained": DREAM, "device": "cpu", "batch_size": 4},
+                              tasks=["chain_arith"], limit=limit,
+                              task_manager=TaskManager(include_path=str(dlm_eval.TASKS_PATH)))
+    accuracy = results["results"]["chain_arith"]["acc,none"]
+    model = AutoModelForCausalLM.from_pretrained(DREAM)
+    tokenizer = AutoTokenizer.from_pretrained(DREAM, padding_side="left")
+    shipped = {k: v for k, v in model.generation_config.to_diff_dict().items()
+               if k in ("alg", "schedule", "steps", "block_length", "eos_early_stop", "temperature")}
+    expected = solve(model, tokenizer, list(dev_split(limit)), 256, 4, shipped)
+    assert accuracy == chain_arith_accuracy(expected.completions, list(dev_split(limit)))
+
+
+def test_generate_until_honours_until_and_gen_kwargs(llada_lm):
+    problem = dev_split(1)[0]
+    request = Instance("generate_until", {}, (problem.prompt, {"until": [" ="], "max_gen_toks": 64}), 0)
+    text = llada_lm.generate_until([request], disable_tqdm=True)[0]
+    assert " =" not in text and text.strip()  # cut before the first " ="
+    assert llada_lm.speed()["nfe"] >= 1 and llada_lm.speed()["tokens_per_forward"] > 0
+
+
+def test_loglikelihood_prefers_the_right_result_and_is_deterministic(llada_lm):
+    problem = dev_split(1)[0]
+    first = problem.completion.split(".")[0]  # " a op b = c"
+    head, result = first.rsplit(" ", 1)
+    wrong = f"{head} {int(result) + 7}"
+    requests = [Instance("loglikelihood", {}, (problem.prompt, continuation), i)
+                for i, continuation in enumerate([first, wrong])]
+    (right_ll, right_greedy), (wrong_ll, wrong_greedy) = llada_lm.loglikelihood(requests, disable_tqdm=True)
+    assert right_ll > wrong_ll and not wrong_greedy
+    again = llada_lm.loglikelihood(requests[:1], disable_tqdm=True)[0]
+    assert again == (right_ll, right_greedy)  # seeded by the request: no dependence on batching or order
+
+
+def test_bad_model_args_and_rolling_loglikelihood_are_refused(llada_lm):
+    with pytest.raises(ValueError, match=r"unknown model_args \['treshold'\] for the dlm model"):
+        dlm_eval.DiffusionLM(pretrained=LLADA, device="cpu", treshold=0.9)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 3"):
+        dlm_eval.DiffusionLM(pretrained=LLADA, device="cpu", threshold=3)
+    with pytest.raises(NotImplementedError, match="loglikelihood_rolling .* is not supported by the dlm model"):
+        llada_lm.loglikelihood_rolling([])
+
+
+def test_dlm_eval_command_finds_the_packaged_task(tmp_path, capsys):
+    dlm_eval.main(["run", "--model", "dlm", "--model_args", f"pretrained={LLADA},threshold=0.9,alg=low_confidence",
+                   "--tasks", "chain_arith", "--limit", "2", "--device", "cpu", "--batch_size", "2",
+                   "--output_path", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "chain_arith" in printed and "dlm speed:" in printed
+    speed = json.loads(printed.split("dlm speed:")[-1].strip().splitlines()[0])
+    assert speed["nfe"] >= 1 and speed["tokens_per_forward"] > 1  # threshold 0.9 commits several per forward
+    assert list(tmp_path.rglob("results_*.json"))
