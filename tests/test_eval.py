@@ -81,3 +81,28 @@ def test_dlm_eval_command_finds_the_packaged_task(tmp_path, capsys):
     speed = json.loads(printed.split("dlm speed:")[-1].strip().splitlines()[0])
     assert speed["nfe"] >= 1 and speed["tokens_per_forward"] > 1  # threshold 0.9 commits several per forward
     assert list(tmp_path.rglob("results_*.json"))
+
+
+def _results(folder: Path) -> tuple[float, list[str]]:
+    results = json.loads(next(folder.rglob("results_*.json")).read_text())
+    samples = [json.loads(line) for path in folder.rglob("samples_chain_arith_*.jsonl")
+               for line in path.read_text().splitlines()]
+    responses = [s["resps"][0][0] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    return results["results"]["chain_arith"]["acc,none"], responses
+
+
+def test_two_processes_give_the_scores_of_one(tmp_path):
+    """Data parallel with torchrun (gloo on CPU): the requests are sharded over 2 ranks and gathered; scores and
+    completions equal a single process's."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    assert torchrun, "torchrun comes with torch"
+    args = ["run", "--model", "dlm", "--model_args", f"pretrained={LLADA},threshold=0.9,alg=low_confidence",
+            "--tasks", "chain_arith", "--limit", "4", "--device", "cpu", "--batch_size", "2", "--log_samples"]
+    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "dlm_generation.eval", *args, "--output_path",
+                    str(tmp_path / "two")], check=True, capture_output=True, timeout=600,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    dlm_eval.main([*args, "--output_path", str(tmp_path / "one")])
+    assert _results(tmp_path / "two") == _results(tmp_path / "one")

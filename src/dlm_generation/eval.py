@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,14 @@ class DiffusionLM(TemplateLM):
                       file=sys.stderr)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: data parallel
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=self._device.type == "cpu")
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            if self._device.type == "cuda":
+                self._device = self.accelerator.device
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
         self.tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype).to(self._device).eval()
@@ -123,6 +132,21 @@ class DiffusionLM(TemplateLM):
         if add_special_tokens is None:
             add_special_tokens = not self.chat_applied
         return self.tokenizer(string, add_special_tokens=add_special_tokens).input_ids
+
+    # data parallel (accelerate launch): lm-eval shards the requests by rank and gathers through these
+    def all_gather(self, tensor):
+        return tensor if self.world_size <= 1 else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        if self.world_size <= 1:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
 
     def speed(self) -> dict[str, float]:
         """NFE, tokens per forward and tokens/s over this instance's generate calls."""
@@ -274,3 +298,6 @@ def main(argv: list[str] | None = None) -> None:
     for instance in _INSTANCES:
         print(f"dlm speed: {json.dumps({k: round(v, 3) for k, v in instance.speed().items()})}")
 
+
+if __name__ == "__main__":  # accelerate launch -m dlm_generation.eval run ...
+    main()
