@@ -80,7 +80,21 @@ def test_dlm_eval_command_finds_the_packaged_task(tmp_path, capsys):
     assert "chain_arith" in printed and "dlm speed:" in printed
     speed = json.loads(printed.split("dlm speed:")[-1].strip().splitlines()[0])
     assert speed["nfe"] >= 1 and speed["tokens_per_forward"] > 1  # threshold 0.9 commits several per forward
-    assert list(tmp_path.rglob("results_*.json"))
+    saved = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
+    assert saved["config"]["dlm_speed"]["nfe"] == speed["nfe"]  # the speed is saved next to the metrics
+    assert saved["config"]["dlm_config"] == {"threshold": 0.9, "alg": "low_confidence"}
+
+
+def test_chat_template_is_applied(llada_lm):
+    problem = dev_split(1)[0]
+    context = llada_lm.apply_chat_template([{"role": "user", "content": problem.question}])
+    assert context.startswith(llada_lm.tokenizer.bos_token) and problem.question in context
+    encoded = llada_lm.tok_encode(context)
+    assert encoded.count(llada_lm.tokenizer.bos_token_id) == 1  # the template's BOS, not a second one
+    request = Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 64}), 0)
+    text = llada_lm.generate_until([request], disable_tqdm=True)[0]
+    assert "####" in text
+    llada_lm.chat_applied = False
 
 
 def _results(folder: Path) -> tuple[float, list[str]]:

@@ -148,6 +148,11 @@ class DiffusionLM(TemplateLM):
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()
 
+    def get_model_info(self) -> dict:
+        """Added by lm-eval to the results' `config` (saved with them): the decoding settings and the run's speed
+        (this process's calls; with data parallel, rank 0's share)."""
+        return {"dlm_config": self.config, "dlm_speed": self.speed(), "dlm_processes": self.world_size}
+
     def speed(self) -> dict[str, float]:
         """NFE, tokens per forward and tokens/s over this instance's generate calls."""
         stats = self.stats
