@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import dlm_generation  # noqa: F401  (registers the model types)
@@ -97,7 +98,7 @@ print(tokenizer.decode(model.diffusion_generate(ids, max_new_tokens=16)[0]))
 
 def main() -> None:
     tokenizer = build_tokenizer()
-    for family in ("llada", "dream"):
+    for family in tqdm(("llada", "dream"), desc="building models"):
         folder = CARDS / f"tiny-random-{family}"
         model = AutoModelForCausalLM.from_pretrained(GOLDEN / f"tiny-{family}")
         model.generation_config.eot_token_id = 502
@@ -108,7 +109,7 @@ def main() -> None:
         tokenizer.save_pretrained(folder)
         arch = "LLaDA (LLaMA-style blocks)" if family == "llada" else "Dream (Qwen2 layout, shifted logits)"
         (folder / "README.md").write_text(CARD.format(family=family, params=model.num_parameters(), arch=arch))
-        print(f"wrote {folder}")
+        tqdm.write(f"wrote {folder}")
 
 
 if __name__ == "__main__":

@@ -120,3 +120,12 @@ def test_the_lora_example_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "base model: dev accuracy" in printed and "with the adapter: dev accuracy" in printed
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_lm_eval_model_args_apply_the_adapter(trained, inputs):
+    from dlm_generation.eval import DiffusionLM
+
+    model, folder, _ = trained
+    lm = DiffusionLM(pretrained=str(LLADA), peft=str(folder), device="cpu", **SETTINGS)
+    with torch.no_grad():
+        assert torch.equal(lm.model(**inputs).logits, model(**inputs).logits)
