@@ -164,6 +164,13 @@ def test_chunks_stop_at_the_first_rejection():
     assert committed == [[8, 9]] and len(calls) == 1
 
 
+def test_a_proposal_outside_the_guides_vocabulary_is_rejected():
+    # ScriptedGuide's vocabulary has 16 ids; the dLLM proposes id 20 (one only it knows), which the guide reads as a
+    # filler token. The guide happens to predict that filler (EOS), yet the proposal must not be accepted.
+    committed, _ = scripted_step([[8, 20, 10]], [[8, EOS, 10]])
+    assert committed == [[8]]
+
+
 def test_a_committed_eos_ends_the_row():
     committed, _ = scripted_step([[8, 9, EOS, 11, 12]], [[8, 9, EOS, 11, 12]])
     assert committed == [[8, 9, EOS]]

@@ -212,9 +212,9 @@ class ARGuide:
         run = after & eligible & ((after & ~eligible).long().cumsum(-1) == 0)
         run_length = run.sum(-1)
 
-        draft = canvas.clone()
-        draft[:, start:start + width] = torch.where(run, tokens, draft[:, start:start + width])
-        draft = self._guide_view(draft)
+        proposed = canvas.clone()
+        proposed[:, start:start + width] = torch.where(run, tokens, proposed[:, start:start + width])
+        draft = self._guide_view(proposed)  # what the guide reads; acceptance checks the proposals themselves
 
         # Guide forwards, chunk by chunk, over positions [self.cached, end); keep per position j whether the draft
         # at j + 1 is accepted and the guide's greedy token for j + 1.
@@ -234,7 +234,7 @@ class ARGuide:
                 )
                 self.forwards += 1
                 self.fed[:, fed:end - 1] = draft[:, fed:end - 1]
-                ok, greedy = self._accepts(out.logits, draft[:, fed + 1:end])
+                ok, greedy = self._accepts(out.logits, proposed[:, fed + 1:end])
                 accepted_next[:, fed:end - 1] = ok
                 greedy_next[:, fed:end - 1] = greedy
                 fed = end - 1
