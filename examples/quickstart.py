@@ -1,4 +1,4 @@
-"""Quick start: diffusion_generate on the shipped, trained tiny LLaDA model (CPU, a few seconds).
+"""Quick start: diffusion_generate on the shipped, trained tiny Dream model (CPU, a few seconds).
 
     python examples/quickstart.py
 
@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dlm_generation  # noqa: F401  (registers LLaDA and Dream with the Auto classes)
 from dlm_generation.tasks import ChainArithProblem, is_correct
 
-folder = Path(__file__).resolve().parents[1] / "model_cards" / "tiny-llada-chain-arith"
+folder = Path(__file__).resolve().parents[1] / "model_cards" / "tiny-dream-chain-arith"
 tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")  # the canvas follows the prompt
 model = AutoModelForCausalLM.from_pretrained(folder)
 
