@@ -233,7 +233,6 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
     bar = tqdm(total=len(problems), desc=progress, unit="problem", file=sys.stderr, leave=False,
                disable=progress is None or batches < 2)
     for chunk, inputs in prompt_batches(tokenizer, problems, batch_size, device):
-        bar.update(len(chunk))
         prompt_len = inputs.input_ids.shape[1]
         counter = ForwardTimer(model, sync=False) if autoregressive else None
         began = time.perf_counter()
@@ -261,6 +260,7 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
         )
         calls.append({"nfe": nfe, "tokens": lengths.tolist(),
                       "guide_forwards": None if autoregressive else out.assistant_forwards})
+        bar.update(len(chunk))  # after the batch is decoded
     bar.close()
     return Pass(completions, calls, seconds)
 
