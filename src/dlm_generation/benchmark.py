@@ -134,11 +134,12 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, settings
 
 
-def generated_lengths(completions: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """Tokens per row up to and including the first EOS (the whole row when there is none)."""
+def generated_lengths(completions: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
+    """Tokens per row up to and including the first EOS (one id or several; the whole row when there is none)."""
     if eos_token_id is None:
         return torch.full((completions.shape[0],), completions.shape[1])
-    is_eos = completions == eos_token_id
+    stops = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    is_eos = torch.isin(completions, stops.to(completions.device))
     return torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, completions.shape[1])
 
 

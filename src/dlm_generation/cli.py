@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from .benchmark import generated_lengths
 from .configuration_diffusion import LIBRARY_DEFAULTS, DiffusionGenerationConfig
 
 # Fields that the CLI sets itself.
@@ -54,8 +55,11 @@ def field_help() -> dict[str, str]:
     return helps
 
 
-def parse_value(text: str) -> Any:
-    """A flag's value: JSON when it parses (numbers, true/false, null, lists, dicts), else the string itself."""
+def parse_value(text: Any) -> Any:
+    """A flag's value: JSON when it parses (numbers, true/false, null, lists, dicts), else the string itself;
+    values that are not strings pass through (lm-eval's `model_args` parser has already typed some)."""
+    if not isinstance(text, str):
+        return text
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -178,8 +182,7 @@ def generate(model, tokenizer, guide, inputs, overrides) -> tuple[list[str], dic
     generated = out.sequences[:, prompt_len:]
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else model.config.eos_token_id
-    stops = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    lengths = [next((i + 1 for i, token in enumerate(row) if token in stops), len(row)) for row in generated.tolist()]
+    lengths = generated_lengths(generated, eos).tolist()
     completions = tokenizer.batch_decode([row[:n] for row, n in zip(generated.tolist(), lengths)],
                                          skip_special_tokens=True)
     stats = {"nfe": out.nfe, "tokens": sum(lengths), "seconds": seconds,

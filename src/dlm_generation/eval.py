@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +28,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from .benchmark import generated_lengths
+from .cli import parse_value
 from .configuration_diffusion import LIBRARY_DEFAULTS, DiffusionGenerationConfig
 
 TASKS_PATH = Path(__file__).resolve().parent / "lm_eval_tasks"
 _INSTANCES: list = []  # the DiffusionLM instances of this process (dlm-eval prints their speed)
 MODEL_KEYS = {"pretrained", "dtype", "device", "batch_size", "peft", "assistant_model", "mc_num", "trust_remote_code",
               "max_batch_size"}
-
-
-def _value(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
 
 
 @register_model("dlm")
@@ -66,7 +58,7 @@ class DiffusionLM(TemplateLM):
         if unknown:
             raise ValueError(f"unknown model_args {unknown} for the dlm model: use {sorted(MODEL_KEYS)} or fields of "
                              "DiffusionGenerationConfig")
-        self.config = {name: _value(value) for name, value in config.items()}
+        self.config = {name: parse_value(value) for name, value in config.items()}
         DiffusionGenerationConfig(**self.config)  # bad values fail here, with the config's message
         self.batch_size = 8 if batch_size in (None, "auto") else int(batch_size)
         self.mc_num = int(mc_num)
@@ -176,7 +168,7 @@ class DiffusionLM(TemplateLM):
             kwargs = dict(json.loads(key))
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            settings = {**self.config, **{k: _value(v) for k, v in kwargs.items() if k in LIBRARY_DEFAULTS}}
+            settings = {**self.config, **{k: parse_value(v) for k, v in kwargs.items() if k in LIBRARY_DEFAULTS}}
             settings["max_new_tokens"] = self._canvas(kwargs.get("max_gen_toks", settings.get("max_new_tokens")),
                                                       settings)
             if not kwargs.get("do_sample", False) and "temperature" not in settings:
@@ -206,19 +198,15 @@ class DiffusionLM(TemplateLM):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=self._device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self._device)
-        if settings.get("steps") is not None and settings["steps"] % settings["max_new_tokens"] and \
-                settings["steps"] > settings["max_new_tokens"]:
-            settings = {**settings, "steps": settings["max_new_tokens"]}
         extra = {"assistant_model": self.guide} if self.guide is not None else {}
         began = time.perf_counter()
         with torch.inference_mode():
             out = self.model.diffusion_generate(ids, attention_mask=mask, return_dict_in_generate=True,
                                                 tokenizer=self.tokenizer, **settings, **extra)
         self.stats["seconds"] += time.perf_counter() - began
-        generated = out.sequences[:, width:].tolist()
+        generated = out.sequences[:, width:]
         texts = []
-        for row in generated:
-            cut = row.index(self.eot_token_id) + 1 if self.eot_token_id in row else len(row)
+        for row, cut in zip(generated.tolist(), generated_lengths(generated, self.eot_token_id).tolist()):
             self.stats["tokens"] += cut
             self.stats["rows"] += 1
             self.stats["row_rates"] += cut / max(out.nfe, 1)
