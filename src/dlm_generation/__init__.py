@@ -17,6 +17,7 @@ from .diffusion_kv_caches import DualCache, FreeCache, PrefixCache
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
 from .modeling_dream import DreamModel
 from .modeling_llada import LLaDAModelLM
+from .streamers import CanvasFrame, CanvasStreamer
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
 __all__ = [
     "DIFFUSION_CACHE_CLASSES",
     "CacheStep",
+    "CanvasFrame",
+    "CanvasStreamer",
     "D2Cache",
     "DiffusionCache",
     "DLLMCache",

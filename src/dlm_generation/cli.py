@@ -24,7 +24,7 @@ from .benchmark import generated_lengths
 from .configuration_diffusion import LIBRARY_DEFAULTS, DiffusionGenerationConfig
 
 # Fields that the CLI sets itself.
-CLI_OWNED = {"return_dict_in_generate"}
+CLI_OWNED = {"return_dict_in_generate", "output_commit_steps"}
 # Help for the fields that `GenerationConfig` owns (the diffusion fields' help comes from the config docstring).
 SHARED_HELP = {
     "max_new_tokens": "canvas length: the number of positions generated after the prompt",
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    run.add_argument("--trace", action="store_true",
+                     help="show when each token was committed: a coloured trace under each completion (step numbers "
+                          "under the tokens when stdout is not a terminal); with --json, each completion's "
+                          "commit_steps")
     config = parser.add_argument_group("decoding (fields of DiffusionGenerationConfig)")
     helps = field_help()
     for name, default in LIBRARY_DEFAULTS.items():
@@ -172,9 +176,14 @@ def encode(tokenizer, messages_or_prompts, use_template: bool, device):
     return tokenizer(messages_or_prompts, return_tensors="pt", padding=True).to(device)
 
 
-def generate(model, tokenizer, guide, inputs, overrides) -> tuple[list[str], dict]:
-    """Decode one batch; return the completions (cut at the first stop token) and the call's stats."""
+def generate(model, tokenizer, guide, inputs, overrides, trace: bool = False) -> tuple[list[str], dict]:
+    """Decode one batch; return the completions (cut at the first stop token) and the call's stats.
+
+    With `trace`, stats["commit_steps"] holds each completion's commit steps (up to its stop token).
+    """
     extra = {"assistant_model": guide} if guide is not None else {}
+    if trace:
+        extra["output_commit_steps"] = True
     began = time.perf_counter()
     out = model.diffusion_generate(**inputs, tokenizer=tokenizer, return_dict_in_generate=True, **overrides, **extra)
     seconds = time.perf_counter() - began
@@ -187,7 +196,20 @@ def generate(model, tokenizer, guide, inputs, overrides) -> tuple[list[str], dic
                                          skip_special_tokens=True)
     stats = {"nfe": out.nfe, "tokens": sum(lengths), "seconds": seconds,
              "guide_forwards": out.assistant_forwards}
+    if trace:
+        stats["tokens_ids"] = [row[:n] for row, n in zip(generated.tolist(), lengths)]
+        stats["commit_steps"] = [row[:n] for row, n in zip(out.commit_steps.tolist(), lengths)]
     return completions, stats
+
+
+def trace_text(tokenizer, token_ids: list[int], commit_steps: list[int]) -> str:
+    """A completion's commit trace for the terminal (colours on a TTY, step numbers under the tokens otherwise)."""
+    import torch
+
+    from .visualize import render_commit_trace
+
+    return render_commit_trace(torch.tensor([token_ids]), torch.tensor([commit_steps]), tokenizer,
+                               color=sys.stdout.isatty())
 
 
 def stats_line(stats: dict) -> str:
@@ -197,7 +219,7 @@ def stats_line(stats: dict) -> str:
             f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s, {stats['seconds']:.2f} s]")
 
 
-def chat(model, tokenizer, guide, overrides, device, use_template: bool) -> int:
+def chat(model, tokenizer, guide, overrides, device, use_template: bool, trace: bool = False) -> int:
     """Interactive session: each reply is generated from the whole conversation (the chat template's format)."""
     messages: list[dict] = []
     interactive = sys.stdin.isatty()
@@ -211,10 +233,12 @@ def chat(model, tokenizer, guide, overrides, device, use_template: bool) -> int:
             return 0
         messages.append({"role": "user", "content": line.strip()})
         inputs = encode(tokenizer, [messages] if use_template else [line.strip()], use_template, device)
-        completions, stats = generate(model, tokenizer, guide, inputs, overrides)
+        completions, stats = generate(model, tokenizer, guide, inputs, overrides, trace)
         reply = completions[0].strip()
         messages.append({"role": "assistant", "content": reply})
         print(reply)
+        if trace:
+            print(trace_text(tokenizer, stats["tokens_ids"][0], stats["commit_steps"][0]))
         print(stats_line(stats), file=sys.stderr)
 
 
@@ -240,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         try:
             if args.chat:
-                return chat(model, tokenizer, guide, overrides, args.device, use_template)
+                return chat(model, tokenizer, guide, overrides, args.device, use_template, args.trace)
             return run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template)
         except ValueError as error:  # what diffusion_generate refuses (prompt too long, guide vocabulary, ...)
             parser.error(str(error))
@@ -256,9 +280,14 @@ def run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template)
     for batch in batches:
         messages = [[{"role": "user", "content": p}] for p in batch] if use_template else batch
         completions, stats = generate(model, tokenizer, guide, encode(tokenizer, messages, use_template, args.device),
-                                      overrides)
+                                      overrides, args.trace)
         for index, prompt in enumerate(batch):
-            results.append({"prompt": prompt, "completions": completions[index * copies:(index + 1) * copies]})
+            result = {"prompt": prompt, "completions": completions[index * copies:(index + 1) * copies]}
+            if args.trace:
+                rows = range(index * copies, (index + 1) * copies)
+                result["commit_steps"] = [stats["commit_steps"][r] for r in rows]
+                result["traces"] = [(stats["tokens_ids"][r], stats["commit_steps"][r]) for r in rows]
+            results.append(result)
         for key in ("nfe", "tokens", "seconds"):
             totals[key] += stats[key]
         if stats["guide_forwards"] is not None:
@@ -268,12 +297,16 @@ def run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template)
     if args.json:
         totals["tokens_per_forward"] = totals["tokens"] / max(totals["nfe"], 1)
         totals["tokens_per_second"] = totals["tokens"] / max(totals["seconds"], 1e-9)
+        for result in results:
+            result.pop("traces", None)
         print(json.dumps({"model": args.model, "config": overrides, "results": results, "stats": totals},
                          indent=2, default=str))
         return 0
     for result in results:
-        for completion in result["completions"]:
+        for index, completion in enumerate(result["completions"]):
             print(completion.strip())
+            if args.trace:
+                print(trace_text(tokenizer, *result["traces"][index]))
     print(stats_line(totals))
     return 0
 

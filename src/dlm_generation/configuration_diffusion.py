@@ -44,6 +44,7 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "guidance": None,  # None: no AR guide (unless the call passes assistant_model=)
     "output_history": False,
     "output_confidences": False,
+    "output_commit_steps": False,
 }
 # Fields of the parent class that the diffusion loop reads, with their library defaults.
 SHARED_DEFAULTS: dict[str, Any] = {
@@ -150,6 +151,9 @@ class DiffusionGenerationConfig(GenerationConfig):
     - `output_history` (bool): return the canvas after every step as `history`.
     - `output_confidences` (bool): return, per generated position, the confidence it was committed with as
       `confidences` (see `DiffusionGenerateOutput`).
+    - `output_commit_steps` (bool): return `commit_steps`, the forward pass at which each generated position stopped
+      being a mask (a (batch, max_new_tokens) tensor; far cheaper than `history`). `dlm_generation.visualize` draws
+      it.
 
     Shared with `GenerationConfig` and read by the loop: `max_new_tokens` (canvas length), `max_length`,
     `temperature` (0 = greedy), `top_p`, `top_k`, `do_sample` (False forces greedy), `num_return_sequences`,
@@ -198,7 +202,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         for name in ("temperature", "alg_temp", "cfg_scale"):
             non_negative(name)
         for name in ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history",
-                     "output_confidences", "do_sample",
+                     "output_confidences", "output_commit_steps", "do_sample",
                      "return_dict_in_generate"):
             boolean(name)
         for name in ("mask_token_id", "eot_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):

@@ -55,6 +55,11 @@ class DiffusionGenerateOutput(ModelOutput):
             the score its token was committed with, at the step it was committed (for `alg="low_confidence"` the
             model's probability of that token, so confidences can be checked against correctness); NaN where
             nothing was committed (positions a stop filled with padding).
+        commit_steps: with `output_commit_steps=True`, (batch, max_new_tokens) int64: the forward pass (1-based,
+            counted like `nfe`) after which each generated position stopped being a mask: committed, or filled with
+            `pad_token_id` when its row stopped. Positions committed by the same forward share a value, so the
+            tensor shows the decoding order and how many tokens each forward settled.
+            `dlm_generation.visualize` turns it into a picture or a terminal rendering.
     """
 
     sequences: torch.LongTensor | None = None
@@ -63,6 +68,7 @@ class DiffusionGenerateOutput(ModelOutput):
     history: list[torch.LongTensor] | None = None
     confidences: torch.FloatTensor | None = None
     assistant_forwards: int | None = None
+    commit_steps: torch.LongTensor | None = None
 
 
 class DiffusionGenerationMixin(GenerationMixin):
@@ -114,8 +120,12 @@ class DiffusionGenerationMixin(GenerationMixin):
                 `top_p` instead.
             stopping_criteria: `StoppingCriteria`s called as `criterion(canvas, None)` after every step; a row for
                 which one returns True is finished and its remaining masks become `pad_token_id`.
-            streamer: receives the prompt, then each newly settled token run (tokens before the first mask);
-                batch size 1, like upstream streamers.
+            streamer: follows transformers' streamer protocol. `put` receives the prompt, then each newly settled
+                token run (generated tokens before the first mask); a streamer with `put_draft` (such as
+                `TextDiffusionStreamer`) also receives the generated canvas, masks included, after every forward;
+                `end` is called when decoding is done. These streamers handle one row; for batches use a streamer
+                whose `supports_batch` is True (`dlm_generation.CanvasStreamer`), which then receives the prompt
+                and the drafts of every row, but no settled runs.
             past_key_values: a `DiffusionCache` instance (overrides `cache_implementation`).
             assistant_model: the AR guide of AR-guided diffusion (a causal LM sharing the tokenizer); its options
                 are the config's `guidance` dict (deterministic acceptance when unset). Without it, a config whose
@@ -169,7 +179,9 @@ class DiffusionGenerationMixin(GenerationMixin):
         draft_temperature = config.temperature if guide is None else guidance["draft_temperature"]
         history = [] if config.output_history else None
         confidences = canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32) if config.output_confidences else None
+        commit_steps = canvas.new_zeros((batch, config.max_new_tokens)) if config.output_commit_steps else None
         nfe = 0
+        drafts = self._check_streamer(streamer, batch)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         streamed = prompt_len
@@ -261,7 +273,12 @@ class DiffusionGenerationMixin(GenerationMixin):
                     finished = self._update_finished(canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer)
                     if history is not None:
                         history.append(canvas.clone())
-                    if streamer is not None:
+                    if commit_steps is not None:
+                        settled_now = (commit_steps == 0) & (canvas[:, prompt_len:] != mask_id)
+                        commit_steps.masked_fill_(settled_now, nfe)
+                    if drafts:
+                        streamer.put_draft(canvas[:, prompt_len:].cpu())
+                    if streamer is not None and batch == 1:
                         streamed = self._stream_settled(streamer, canvas, streamed, mask_id)
                     # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
                     # sync) also ends the block, and every later block, once all rows are finished.
@@ -282,6 +299,7 @@ class DiffusionGenerationMixin(GenerationMixin):
             history=history,
             confidences=None if confidences is None else confidences[:, prompt_len:],
             assistant_forwards=None if guide is None else guide.forwards,
+            commit_steps=commit_steps,
         )
 
     def generate(self, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None,
@@ -581,6 +599,19 @@ class DiffusionGenerationMixin(GenerationMixin):
             canvas[row, prompt_len + end:] = pad_id
             finished[row] = True
         return finished
+
+    @staticmethod
+    def _check_streamer(streamer, batch: int) -> bool:
+        """Refuse a one-row streamer for a batch (it would show row 0 only); say whether it takes drafts."""
+        if streamer is None:
+            return False
+        if batch > 1 and not getattr(streamer, "supports_batch", False):
+            raise ValueError(
+                f"streamer={type(streamer).__name__} shows one sequence, but this call decodes {batch} rows "
+                "(batch size x num_return_sequences). Stream one prompt at a time, or pass a batch-aware streamer "
+                "such as dlm_generation.CanvasStreamer (any streamer whose supports_batch attribute is True)."
+            )
+        return callable(getattr(streamer, "put_draft", None))
 
     @staticmethod
     def _stream_settled(streamer, canvas, streamed, mask_id):
