@@ -204,3 +204,16 @@ def test_terminal_rendering(tokenizer):
     assert token_labels(tokenizer, [tokenizer.eos_token_id, tokenizer.pad_token_id]) == ["eos", "pad"]
     assert step_color(1, 10) == (68, 1, 84) and step_color(10, 10) == (253, 231, 37)
     assert re.fullmatch(r"\(\d+, \d+, \d+\)", str(step_color(5, 10)))
+
+
+def test_the_trace_picture_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "trace_picture.py"
+    out = tmp_path / "trace.png"
+    result = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "vanilla (one token per step): " in result.stdout and "threshold 0.9: " in result.stdout
+    assert out.read_bytes()[:4] == b"\x89PNG"

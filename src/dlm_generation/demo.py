@@ -168,7 +168,7 @@ class DemoSession:
         """Decode each job in turn in one worker thread; return the per-job records the page reads."""
         records = [{"label": label, "overrides": overrides, "streamer": CanvasStreamer(self.mask_token_id,
                                                                                          timeout=600),
-                    "output": None, "error": None} for label, overrides in jobs]
+                    "output": None, "error": None, "finished": threading.Event()} for label, overrides in jobs]
 
         def work():
             for record in records:
@@ -183,6 +183,8 @@ class DemoSession:
                 except BaseException as error:  # the page shows it; the next request starts afresh
                     record["error"] = error
                     record["streamer"].close(error)
+                finally:
+                    record["finished"].set()  # the streamer ends inside the call, before its output is returned
 
         threading.Thread(target=work, daemon=True, name="dlm-demo-decode").start()
         return records
@@ -229,6 +231,10 @@ def decode_stream(session: DemoSession, prompt: str, settings: Settings, compare
         yield main_html, vanilla_html, "decoding…" + notes, ""
         if replay_ms > 0:
             time.sleep(replay_ms / 1000)
+    for record in records:
+        record["finished"].wait()
+        if record["error"] is not None:
+            raise record["error"]
     summaries = [session.summary(record, prompt_length) for record in records]
     main_html, vanilla_html = canvases()
     answer = summaries[0]["text"]
