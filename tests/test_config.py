@@ -92,6 +92,7 @@ def rx(text):
 POSITIVE_INT_FIELDS = ("steps", "block_length", "max_new_tokens", "max_length", "top_k", "num_return_sequences")
 NON_NEGATIVE_FIELDS = ("temperature", "alg_temp", "cfg_scale")
 BOOLEAN_FIELDS = ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history", "output_confidences",
+                  "output_commit_steps",
                   "do_sample", "return_dict_in_generate")
 TOKEN_ID_FIELDS = ("mask_token_id", "eot_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -583,7 +584,7 @@ def test_stop_strings_need_tokenizer(llada):
 # ====================================================================================================================
 _COMMON = dict(steps=16, block_length=8, schedule="eps", alg_temp=0.5, eps=0.01, cfg_scale=1.5,
                logits_eos_inf=True, confidence_eos_eot_inf=True, eot_token_id=502, mask_token_id=MASK_ID,
-               eos_early_stop=True, output_history=True, output_confidences=True, max_new_tokens=32, temperature=0.7, top_p=0.9, top_k=20,
+               eos_early_stop=True, output_history=True, output_confidences=True, output_commit_steps=True, max_new_tokens=32, temperature=0.7, top_p=0.9, top_k=20,
                eos_token_id=501, pad_token_id=501)
 # threshold and factor exclude each other, so "every diffusion field" takes two configs.
 FREECACHE = {"cache_implementation": "freecache", "cache_config": {"window_left": 32, "window_right": 128}}

@@ -152,8 +152,8 @@ class DiffusionGenerationConfig(GenerationConfig):
     - `output_confidences` (bool): return, per generated position, the confidence it was committed with as
       `confidences` (see `DiffusionGenerateOutput`).
     - `output_commit_steps` (bool): return `commit_steps`, the forward pass at which each generated position stopped
-      being a mask (a (batch, max_new_tokens) tensor; far cheaper than `history`). `dlm_generation.visualize` draws
-      it.
+      being a mask (a (batch, max_new_tokens) tensor; far cheaper than `history`). dlm-generation's `visualize`
+      module draws it.
 
     Shared with `GenerationConfig` and read by the loop: `max_new_tokens` (canvas length), `max_length`,
     `temperature` (0 = greedy), `top_p`, `top_k`, `do_sample` (False forces greedy), `num_return_sequences`,

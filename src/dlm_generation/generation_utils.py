@@ -59,7 +59,7 @@ class DiffusionGenerateOutput(ModelOutput):
             counted like `nfe`) after which each generated position stopped being a mask: committed, or filled with
             `pad_token_id` when its row stopped. Positions committed by the same forward share a value, so the
             tensor shows the decoding order and how many tokens each forward settled.
-            `dlm_generation.visualize` turns it into a picture or a terminal rendering.
+            dlm-generation's `visualize` module turns it into a picture or a terminal rendering.
     """
 
     sequences: torch.LongTensor | None = None
@@ -124,7 +124,7 @@ class DiffusionGenerationMixin(GenerationMixin):
                 token run (generated tokens before the first mask); a streamer with `put_draft` (such as
                 `TextDiffusionStreamer`) also receives the generated canvas, masks included, after every forward;
                 `end` is called when decoding is done. These streamers handle one row; for batches use a streamer
-                whose `supports_batch` is True (`dlm_generation.CanvasStreamer`), which then receives the prompt
+                whose `supports_batch` is True (dlm-generation's `CanvasStreamer`), which then receives the prompt
                 and the drafts of every row, but no settled runs.
             past_key_values: a `DiffusionCache` instance (overrides `cache_implementation`).
             assistant_model: the AR guide of AR-guided diffusion (a causal LM sharing the tokenizer); its options
@@ -609,7 +609,7 @@ class DiffusionGenerationMixin(GenerationMixin):
             raise ValueError(
                 f"streamer={type(streamer).__name__} shows one sequence, but this call decodes {batch} rows "
                 "(batch size x num_return_sequences). Stream one prompt at a time, or pass a batch-aware streamer "
-                "such as dlm_generation.CanvasStreamer (any streamer whose supports_batch attribute is True)."
+                "such as CanvasStreamer from dlm-generation (any streamer whose supports_batch attribute is True)."
             )
         return callable(getattr(streamer, "put_draft", None))
 
