@@ -143,6 +143,10 @@ class ARGuide:
         if hidden_ids:  # tokens only the diffusion model knows (its mask, Dream's extra bos): the guide skips them
             attend &= ~torch.isin(canvas, torch.tensor(hidden_ids, device=canvas.device))
         self.attention_mask = attend.long()
+        # The guide never proposes those tokens nor the mask id (even when its vocabulary has one): a speculative
+        # replacement by the mask would undo the step.
+        self.hidden_ids = torch.tensor(sorted({i for i in [*hidden_ids, mask_token_id] if i < self.vocab_size}),
+                                       dtype=torch.long, device=canvas.device)
         self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp_min(0)
         self.filler = int(stop_ids[0]) if stop_ids.numel() else 0  # stands in for masks beyond a row's run
         self.cache = DynamicCache(config=model.config)
@@ -177,6 +181,8 @@ class ARGuide:
         """For guide logits at positions j (batch, n, vocab) and the drafted tokens at j + 1 (batch, n): whether
         each draft is accepted, and the guide's own greedy token for j + 1."""
         logits = logits.float()
+        if self.hidden_ids.numel():
+            logits = logits.index_fill(-1, self.hidden_ids, float("-inf"))
         greedy = logits.argmax(-1)
         in_vocab = following < logits.shape[-1]
         drafted = following.clamp_max(logits.shape[-1] - 1)
