@@ -283,10 +283,37 @@ class DiffusionGenerationConfig(GenerationConfig):
         return super().update(defaults_only=defaults_only, allow_custom_entries=allow_custom_entries,
                               **translate_aliases(kwargs))
 
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("_unknown_saved_fields", None)  # bookkeeping of from_dict, never saved
+        return output
+
     def to_diff_dict(self) -> dict[str, Any]:
         # Unset diffusion fields are left out of generation_config.json (the parent only knows its own defaults).
         return {key: value for key, value in super().to_diff_dict().items()
                 if not (key in DIFFUSION_DEFAULTS and value is None)}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """As `GenerationConfig.from_dict`, remembering the saved fields this version does not know (a config written
+        by a newer dlm-generation, say); `diffusion_generate` refuses to decode with them silently ignored."""
+        known = set(vars(cls())) | set(ALIASES)
+        unknown = {key: value for key, value in config_dict.items()
+                   if key not in known and not key.startswith("_") and key != "transformers_version"}
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        config._unknown_saved_fields = unknown
+        return result
+
+    def check_no_unknown_saved_fields(self, where: str) -> None:
+        unknown = getattr(self, "_unknown_saved_fields", None)
+        if unknown:
+            raise ValueError(
+                f"{where} has field(s) this version of dlm-generation does not know: {sorted(unknown)} (written by a "
+                "newer version, or another library?). Decoding without them could differ from what the config "
+                "intends: upgrade dlm-generation (pip install -U dlm-generation), or delete those fields from "
+                "generation_config.json (or the loaded config) to decode without them."
+            )
 
     @classmethod
     def from_model_config(cls, model_config) -> DiffusionGenerationConfig:

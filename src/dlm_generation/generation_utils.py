@@ -144,6 +144,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         assistant_tokenizer = kwargs.pop("assistant_tokenizer", None)
         config = self._prepare_generation_config(generation_config, kwargs)
         input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, config)
+        given_prompt, input_ids = input_ids, self._unmask_padding(input_ids, attention_mask, config)
         batch, prompt_len = input_ids.shape
         config = self._resolve_lengths(config, prompt_len)
         guidance, assistant_model, hidden_ids = self._prepare_guidance(
@@ -290,6 +291,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         if streamer is not None:
             streamer.end()
         sequences = canvas
+        sequences[:, :prompt_len] = given_prompt  # padding that held the mask id is returned as given
         if not config.return_dict_in_generate:
             return sequences
         return DiffusionGenerateOutput(
@@ -321,6 +323,10 @@ class DiffusionGenerationMixin(GenerationMixin):
     def _prepare_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> DiffusionGenerationConfig:
         """Apply the precedence rule once; return a validated, fully resolved config. Consumes `kwargs`."""
         check_known_kwargs(kwargs, MODEL_INPUT_NAMES)
+        for source, where in ((self.generation_config, "The model's generation_config"),
+                              (generation_config, "The generation_config passed to this call")):
+            if isinstance(source, DiffusionGenerationConfig):
+                source.check_no_unknown_saved_fields(where)
         call_kwargs = translate_aliases(kwargs)
         kwargs.clear()
         layers = [
@@ -358,6 +364,9 @@ class DiffusionGenerationMixin(GenerationMixin):
                 f"input_ids must be an integer tensor of shape (batch, prompt_len); got "
                 f"{type(input_ids).__name__} {getattr(input_ids, 'shape', '')}. Use tokenizer(..., return_tensors='pt')."
             )
+        if input_ids.device.type == "meta":
+            raise ValueError("input_ids is on the meta device (shapes without data); pass real token ids, e.g. "
+                             "tokenizer(..., return_tensors='pt').input_ids.")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(
                 f"input_ids has shape {tuple(input_ids.shape)}: pass at least one prompt of at least one token "
@@ -368,6 +377,17 @@ class DiffusionGenerationMixin(GenerationMixin):
             raise ValueError(f"input_ids contains ids outside the model's vocabulary [0, {vocab}).")
         if config.mask_token_id is not None and config.mask_token_id >= vocab:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary [0, {vocab}).")
+        if config.mask_token_id is not None:
+            real = input_ids == config.mask_token_id
+            if attention_mask is not None and tuple(attention_mask.shape) == tuple(input_ids.shape):
+                real &= attention_mask.to(real.device).bool()
+            if bool(real.any()):
+                row, column = (int(i) for i in real.nonzero()[0])
+                raise ValueError(
+                    f"input_ids holds the mask token id {config.mask_token_id} (first at row {row}, position {column}):"
+                    " the prompt is kept as given, so a mask there would never be filled. Remove it from the prompt "
+                    "(a tokenizer that writes the mask token for some text needs that text escaped)."
+                )
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
@@ -386,6 +406,19 @@ class DiffusionGenerationMixin(GenerationMixin):
                 attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         return input_ids, attention_mask
 
+    @staticmethod
+    def _unmask_padding(input_ids, attention_mask, config):
+        """Padding written with the mask id (a tokenizer whose pad token is the mask) would look like positions to
+        fill; the canvas holds another id there (never attended to), and the output gets the given prompt back."""
+        if attention_mask is None or config.mask_token_id is None:
+            return input_ids
+        padded_masks = (input_ids == config.mask_token_id) & ~attention_mask.bool()
+        if not bool(padded_masks.any()):
+            return input_ids
+        filler = next((i for i in (config.pad_token_id, config.eos_token_id, config.bos_token_id, 0)
+                       if isinstance(i, int) and i != config.mask_token_id), 0)
+        return input_ids.masked_fill(padded_masks, filler)
+
     def _resolve_lengths(self, config: DiffusionGenerationConfig, prompt_len: int) -> DiffusionGenerationConfig:
         config = copy.deepcopy(config)
         if config.max_new_tokens is None:
@@ -398,11 +431,26 @@ class DiffusionGenerationMixin(GenerationMixin):
                 config.max_new_tokens = config.max_length - prompt_len
             else:
                 config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        limit = self._position_limit()
+        if limit is not None and prompt_len + config.max_new_tokens > limit:
+            raise ValueError(
+                f"The prompt ({prompt_len} tokens) plus max_new_tokens ({config.max_new_tokens}) needs "
+                f"{prompt_len + config.max_new_tokens} positions, more than the model's {limit} "
+                f"({type(self.config).__name__}); shorten the prompt or lower max_new_tokens."
+            )
         if config.steps is None:
             config.steps = config.max_new_tokens
         config.validate()
         config.check_resolved()
         return config
+
+    def _position_limit(self) -> int | None:
+        """The longest canvas the model's config allows (LLaDA: max_sequence_length; Dream: max_position_embeddings)."""
+        for name in ("max_position_embeddings", "max_sequence_length"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     # ------------------------------------------------------------------------------------------ 2-3. set-up
     def _prepare_guidance(self, config, assistant_model, tokenizer, assistant_tokenizer, device):
