@@ -376,7 +376,9 @@ class DiffusionGenerationMixin(GenerationMixin):
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"input_ids contains ids outside the model's vocabulary [0, {vocab}).")
         if config.mask_token_id is not None and config.mask_token_id >= vocab:
-            raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary [0, {vocab}).")
+            raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary [0, {vocab}); "
+                             "pass mask_token_id= the id of the model's mask token (tokenizer.mask_token_id), or set "
+                             "it in the model's config.")
         if config.mask_token_id is not None:
             real = input_ids == config.mask_token_id
             if attention_mask is not None and tuple(attention_mask.shape) == tuple(input_ids.shape):

@@ -9,12 +9,47 @@ into an SDPA mask.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .diffusion_cache import DiffusionCache
+
+
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class SafetensorsOnlyMixin:
+    """Loads weights from safetensors only, unless the caller opts in to pickle files with `use_safetensors=False`.
+
+    transformers itself prefers `model.safetensors` but falls back to `pytorch_model.bin`, which it reads with
+    `torch.load(weights_only=True)` (a restricted unpickler: tensors and plain containers only). A pickle is still
+    code-bearing data from whoever wrote the folder, so these models refuse that fallback: a folder with only
+    pickle weights raises, and a Hub repository is asked for safetensors (`use_safetensors=True`).
+    `save_pretrained` writes safetensors (transformers' default).
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if kwargs.get("use_safetensors") is not False:
+            folder = os.fspath(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else ""
+            subfolder = kwargs.get("subfolder") or ""
+            if folder and os.path.isdir(os.path.join(folder, subfolder)):
+                files = set(os.listdir(os.path.join(folder, subfolder)))
+                has_safetensors = any(name.endswith(".safetensors") or name == "model.safetensors.index.json"
+                                      for name in files)
+                pickles = sorted(files & set(PICKLE_WEIGHT_FILES))
+                if pickles and not has_safetensors:
+                    raise ValueError(
+                        f"{folder} holds only pickle weights ({', '.join(pickles)}), and these models load "
+                        "safetensors only. Convert them (load once with use_safetensors=False, then "
+                        "save_pretrained), or, if you trust whoever wrote the folder, pass use_safetensors=False "
+                        "to load the pickle (transformers reads it with torch.load(weights_only=True))."
+                    )
+            kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 class DiffusionRMSNorm(nn.Module):

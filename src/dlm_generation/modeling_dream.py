@@ -26,6 +26,7 @@ from .diffusion_cache import DiffusionCache
 from .generation_utils import DiffusionGenerationMixin
 from .modeling_diffusion_utils import (
     DiffusionRMSNorm,
+    SafetensorsOnlyMixin,
     DiffusionRotaryEmbedding,
     apply_rotary,
     diffusion_attention,
@@ -99,7 +100,7 @@ class DreamDecoderLayer(nn.Module):
         return hidden_states + past_key_values.reuse(layer, "ffn", ffn)
 
 
-class DreamPreTrainedModel(PreTrainedModel):
+class DreamPreTrainedModel(SafetensorsOnlyMixin, PreTrainedModel):
     config_class = DreamConfig
     config: DreamConfig
     base_model_prefix = "model"

@@ -30,6 +30,7 @@ from .diffusion_cache import DiffusionCache
 from .generation_utils import DiffusionGenerationMixin
 from .modeling_diffusion_utils import (
     DiffusionRMSNorm,
+    SafetensorsOnlyMixin,
     DiffusionRotaryEmbedding,
     apply_rotary,
     diffusion_attention,
@@ -89,7 +90,7 @@ class LLaDALlamaBlock(nn.Module):
         return hidden_states + past_key_values.reuse(self.layer_idx, "ffn", ffn)
 
 
-class LLaDAPreTrainedModel(PreTrainedModel):
+class LLaDAPreTrainedModel(SafetensorsOnlyMixin, PreTrainedModel):
     config_class = LLaDAConfig
     config: LLaDAConfig
     base_model_prefix = "model"
