@@ -239,6 +239,14 @@ def test_every_configuration_keeps_the_invariants_nightly(case):
 
 # Failing examples hypothesis found, kept as regression tests (see the CHANGELOG for the fixes).
 REGRESSIONS: list[Case] = [
+    # d2Cache's attention rollout counted left padding (its columns started at 1, its rows carried importance), so a
+    # padded row chose other positions than its solo run and decoded other tokens.
+    Case("llada", [[0, 0], [0, 0, 0, 0, 0]], {"max_new_tokens": 8, "block_length": 4, "steps": 2, "schedule": "linear",
+                                              "eos_early_stop": False, "logits_eos_inf": False,
+                                              "confidence_eos_eot_inf": False, "eot_token_id": EOT,
+                                              "alg": "low_confidence", "cfg_scale": 1.5,
+                                              "cache_implementation": "d2cache",
+                                              "cache_config": {"current_k": 1, "inflate_w": 0, "rollout_p": 0.0}}),
     # Left padding written with the mask id was taken for positions to fill: the prompt's padding changed.
     Case("llada", [[5, 6], [7]], {"max_new_tokens": 4, "block_length": None, "steps": 4, "schedule": "linear",
                                   "eos_early_stop": False, "logits_eos_inf": False, "confidence_eos_eot_inf": False,

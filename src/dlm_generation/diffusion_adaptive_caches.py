@@ -238,6 +238,8 @@ class D2Cache(DiffusionCache):
         self.chosen: torch.Tensor | None = None  # (batch, length): positions the next step recomputes
         self.confidence = torch.ones(canvas.shape[0], self.canvas_length - self.prompt_length,
                                      device=canvas.device)  # never computed yet: neutral
+        # Left padding takes no part in the rollout (as in the row's solo run, where it does not exist).
+        self.real = None if attention_mask is None else attention_mask[:, : self.canvas_length].bool()
         self.current = CacheStep(0, self.canvas_length, self.canvas_length)
 
     def plan_step(self, canvas, step):
@@ -296,7 +298,8 @@ class D2Cache(DiffusionCache):
         # 2. every position committed this step
         chosen[:, outcome.start:outcome.end] |= outcome.committed
         # 3. attention rollout over the rest
-        chosen |= nucleus_select(self.rollout_importance(batch), config["rollout_p"], ~chosen)
+        allowed = ~chosen if self.real is None else ~chosen & self.real
+        chosen |= nucleus_select(self.rollout_importance(batch), config["rollout_p"], allowed)
         # 4. inflation
         if config["inflate_w"]:
             chosen = inflate(chosen, config["inflate_w"])
@@ -308,6 +311,8 @@ class D2Cache(DiffusionCache):
         the identity except at the rows the forward ran, which hold (attention + identity) / 2."""
         step = self.current
         importance = torch.ones(batch, self.canvas_length, device=next(iter(self.attention.values())).device)
+        if self.real is not None:  # padding columns start (and, never attended to, stay) at zero; its rows carry none
+            importance = importance * self.real
         for layer in sorted(self.attention, reverse=True):
             weights = self.attention[layer][:batch].float()  # (batch, queries, keys); CFG's second half left out
             keys = weights.shape[-1]
@@ -324,7 +329,7 @@ class D2Cache(DiffusionCache):
         return importance
 
     def end_generation(self):
-        self.keys, self.values, self.attention, self.chosen = {}, {}, {}, None
+        self.keys, self.values, self.attention, self.chosen, self.real = {}, {}, {}, None, None
 
     # ----------------------------------------------------------------------------------------- model side
     def observe_attention(self, layer_idx, weights):
