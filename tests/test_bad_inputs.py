@@ -157,8 +157,6 @@ CASES = [
     ("ids outside the vocabulary", lambda m, d, t: generate(m, torch.tensor([[5, 600]])),
      ["ids outside the model's vocabulary [0, 512)"]),
     ("negative ids", lambda m, d, t: generate(m, torch.tensor([[-1, 5]])), ["outside the model's vocabulary"]),
-    ("the mask id in the prompt", lambda m, d, t: generate(m, torch.tensor([[5, MASK, 7]])),
-     ["holds the mask token id 500 (first at row 0, position 1)", "Remove it from the prompt"]),
     ("right padding", lambda m, d, t: generate(m, torch.tensor([[5, 6, 501]]), attention_mask=torch.tensor([[1, 1, 0]])),
      ["padding after real tokens", "pad on the left (tokenizer.padding_side = 'left')"]),
     ("attention mask of another shape", lambda m, d, t: generate(m, attention_mask=torch.ones(1, 4, dtype=torch.long)),

@@ -85,7 +85,8 @@ def test_acceptance_rules_on_hand_made_logits():
     logits[0, 2, [1, 2]] = torch.tensor([2.0, 2.0 - 1.0])  # runner-up 2 with p2/p1 = e^-1 = 0.37
     logits[0, 3, [0, 1, 2]] = torch.tensor([2.0, 1.9, 1.8])  # 2 is third
     drafts = torch.tensor([[4, 2, 2, 2]])
-    guide = SimpleNamespace(strategy="deterministic", top_k=2, relative_threshold=0.5)
+    guide = SimpleNamespace(strategy="deterministic", top_k=2, relative_threshold=0.5,
+                            hidden_ids=torch.tensor([], dtype=torch.long))
     accepted, greedy = ARGuide._accepts(guide, logits, drafts)
     assert accepted.tolist() == [[True, False, False, False]] and greedy.tolist() == [[4, 1, 1, 0]]
     guide.strategy = "topk_relative"
@@ -94,6 +95,10 @@ def test_acceptance_rules_on_hand_made_logits():
     # a draft outside the guide's vocabulary (a dLLM-only token) is never accepted
     accepted, _ = ARGuide._accepts(guide, logits, torch.tensor([[9, 9, 9, 9]]))
     assert not accepted.any()
+    # the mask / dLLM-only ids are never the guide's token, nor accepted, even where the guide's argmax is one
+    guide.strategy, guide.hidden_ids = "deterministic", torch.tensor([4])
+    accepted, greedy = ARGuide._accepts(guide, logits, drafts)
+    assert not accepted[0, 0] and greedy[0, 0] != 4
 
 
 class ScriptedGuide(torch.nn.Module):

@@ -379,17 +379,6 @@ class DiffusionGenerationMixin(GenerationMixin):
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the model's vocabulary [0, {vocab}); "
                              "pass mask_token_id= the id of the model's mask token (tokenizer.mask_token_id), or set "
                              "it in the model's config.")
-        if config.mask_token_id is not None:
-            real = input_ids == config.mask_token_id
-            if attention_mask is not None and tuple(attention_mask.shape) == tuple(input_ids.shape):
-                real &= attention_mask.to(real.device).bool()
-            if bool(real.any()):
-                row, column = (int(i) for i in real.nonzero()[0])
-                raise ValueError(
-                    f"input_ids holds the mask token id {config.mask_token_id} (first at row {row}, position {column}):"
-                    " the prompt is kept as given, so a mask there would never be filled. Remove it from the prompt "
-                    "(a tokenizer that writes the mask token for some text needs that text escaped)."
-                )
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
