@@ -291,7 +291,9 @@ class DiffusionGenerationMixin(GenerationMixin):
         if streamer is not None:
             streamer.end()
         sequences = canvas
-        sequences[:, :prompt_len] = given_prompt  # padding that held the mask id is returned as given
+        if given_prompt is not input_ids:  # padding that held the mask id is returned as given
+            padding = ~attention_mask.bool()
+            sequences[:, :prompt_len] = torch.where(padding, given_prompt, sequences[:, :prompt_len])
         if not config.return_dict_in_generate:
             return sequences
         return DiffusionGenerateOutput(
