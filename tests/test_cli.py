@@ -111,3 +111,18 @@ def test_the_installed_command_prints_help():
     assert command, "dlm-generate is not on PATH: pip install -e . installs it"
     result = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120, check=True)
     assert "--cache-implementation" in result.stdout and "--assistant-model" in result.stdout
+
+
+def test_trace_shows_when_each_token_was_committed(capsys):
+    assert cli.main([DREAM, "--prompt", PROBLEMS[0].question, "--threshold", "0.9", "--alg", "maskgit_plus",
+                     "--max-new-tokens", "64", "--trace"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    completion, tokens, steps, stats = lines  # stdout is not a terminal: step numbers under the tokens
+    assert "####" in completion and stats.startswith("[NFE ")
+    nfe = int(stats.split()[1].rstrip(","))
+    numbers = [int(s) for s in steps.split()]
+    assert len(numbers) == len(tokens.split()) and max(numbers) <= nfe and min(numbers) >= 1
+    report = run_json(capsys, DREAM, "--prompt", PROBLEMS[0].question, "--max-new-tokens", "64", "--trace")
+    result = report["results"][0]
+    assert len(result["commit_steps"]) == 1 and max(result["commit_steps"][0]) <= report["stats"]["nfe"]
+    assert "traces" not in result
