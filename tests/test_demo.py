@@ -235,15 +235,17 @@ def test_a_person_asks_a_question_in_the_browser(server, browser, session, tmp_p
 
 
 def test_concurrent_users_see_only_their_own_canvas(server, browser, session):
+    from selenium.webdriver.common.by import By
+
     first = browser.current_window_handle
-    open_page(browser, server)
-    set_number(browser, "replay-ms", 60)
-    ask(browser, QUESTIONS[0])
-    browser.switch_to.new_window("tab")
+    for index, question in enumerate(QUESTIONS):
+        if index:
+            browser.switch_to.new_window("tab")
+        open_page(browser, server)
+        browser.find_element(By.CSS_SELECTOR, "#compare input").click()  # one canvas each
+        set_number(browser, "replay-ms", 60)
+        ask(browser, question)
     second = browser.current_window_handle
-    open_page(browser, server)
-    set_number(browser, "replay-ms", 60)
-    ask(browser, QUESTIONS[1])
     answers = {second: wait_for_answer(browser)}
     browser.switch_to.window(first)
     answers[first] = wait_for_answer(browser)
@@ -266,15 +268,18 @@ def test_the_demo_says_what_is_wrong_with_a_setting(server, browser):
     assert "max_new_tokens" in browser.find_element(By.TAG_NAME, "body").text
 
 
-def test_the_command_refuses_a_missing_model(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dlm_generation.demo", str(tmp_path / "nowhere")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "cannot load" in result.stderr and "nowhere" in result.stderr
+def test_the_command_refuses_a_missing_model(tmp_path, capsys):
+    from dlm_generation.demo import main
+
+    with pytest.raises(SystemExit) as caught:
+        main([str(tmp_path / "nowhere")])
+    stderr = capsys.readouterr().err
+    assert caught.value.code == 2 and "cannot load" in stderr and "nowhere" in stderr
 
 
 def test_sessions_share_no_decoding_state(session):
     """Two interleaved streams on one session: each ends on its own answer (no state lives on the session)."""
-    settings = Settings()
+    settings = Settings(max_new_tokens=96)
     streams = [decode_stream(session, q, settings, compare=False, replay_ms=0) for q in QUESTIONS]
     finals = [None, None]
     live = [True, True]
