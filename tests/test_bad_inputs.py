@@ -61,6 +61,25 @@ def without_mask_id(model, tmp_path):
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
+def tokenizer_without_mask():
+    tokenizer = random_tokenizer()
+    tokenizer.mask_token = None
+    return tokenizer
+
+
+def eval_model_without_mask_id(model, tmp_path):
+    from dlm_generation.eval import DiffusionLM
+
+    folder = tmp_path / "no-mask-eval"
+    model.save_pretrained(folder)
+    random_tokenizer().save_pretrained(folder)
+    for name in ("config.json", "generation_config.json"):
+        data = json.loads((folder / name).read_text())
+        data.pop("mask_token_id", None)
+        (folder / name).write_text(json.dumps(data))
+    return DiffusionLM(pretrained=str(folder), dtype="float32")
+
+
 def with_newer_field(model, tmp_path):
     folder = tmp_path / "newer"
     model.save_pretrained(folder)
@@ -168,6 +187,11 @@ CASES = [
     # ---- models, configs, tokenizers, streamers
     ("no mask token anywhere", lambda m, d, t: generate(without_mask_id(m, t)),
      ["mask_token_id", "pass mask_token_id="]),
+    ("a tokenizer without a mask token (training loss)", lambda m, d, t: __import__(
+        "dlm_generation.training", fromlist=["x"]).masked_diffusion_loss(m, [[5, 6]], [[7, 501]], tokenizer_without_mask()),
+     ["The tokenizer has no mask_token", "add_special_tokens"]),
+    ("lm-eval model without a mask id", lambda m, d, t: eval_model_without_mask_id(m, t),
+     ["has no usable mask_token_id", "config.json"]),
     ("a saved config with fields from a newer version", lambda m, d, t: generate(with_newer_field(m, t)),
      ["does not know: ['remask_budget']", "upgrade dlm-generation", "delete those fields"]),
     ("a passed config with unknown fields", lambda m, d, t: generate(m, generation_config=DiffusionGenerationConfig.from_dict(

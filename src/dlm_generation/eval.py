@@ -93,7 +93,14 @@ class DiffusionLM(TemplateLM):
         if assistant_model:
             self.guide = AutoModelForCausalLM.from_pretrained(assistant_model, dtype=torch_dtype).to(self._device)
             self.guide.eval()
-        self.mask_token_id = model.config.mask_token_id
+        self.mask_token_id = getattr(model.generation_config, "mask_token_id", None)
+        if self.mask_token_id is None:
+            self.mask_token_id = model.config.mask_token_id
+        vocab = model.get_input_embeddings().num_embeddings
+        if self.mask_token_id is None or not 0 <= self.mask_token_id < vocab:
+            raise ValueError(f"{pretrained} has no usable mask_token_id in its config or generation_config (got "
+                             f"{self.mask_token_id}, vocabulary [0, {vocab})); set it to the id of the model's mask "
+                             "token (tokenizer.mask_token_id) in config.json.")
         self.logits_shift = getattr(model, "diffusion_logits_shift", 0)
         self.chat_applied = False
         self.stats = {"calls": 0, "nfe": 0, "tokens": 0, "seconds": 0.0, "rows": 0, "row_rates": 0.0}

@@ -110,6 +110,16 @@ def masked_diffusion_loss(model, prompts: list[list[int]], completions: list[lis
     with `diffusion_logits_shift = 1` (Dream; also through a PEFT wrapper) reads position i's prediction at i - 1.
     This is the loss `examples/train_chain_arith.py` trains the shipped models with.
     """
+    for name in ("mask_token_id", "eos_token_id"):
+        if getattr(tokenizer, name, None) is None:
+            raise ValueError(
+                f"The tokenizer has no {name.replace('_id', '')}: masked-diffusion training writes the mask token into "
+                "the canvas and pads completions with EOS. Add it (tokenizer.add_special_tokens({'mask_token': "
+                "'<|mdm_mask|>'}) for a mask) with the id the model's config gives (config.mask_token_id)."
+            )
+    if not prompts or len(prompts) != len(completions):
+        raise ValueError(f"prompts ({len(prompts)}) and completions ({len(completions)}) must be non-empty lists of "
+                         "the same length: one completion per prompt.")
     canvas = max(canvas, max(len(c) for c in completions))
     length = max(len(p) for p in prompts) + canvas
     batch = len(prompts)
