@@ -79,31 +79,39 @@ def test_commit_steps_is_validated():
 class RecordingDiffusionStreamer(TextDiffusionStreamer):
     def __init__(self, tokenizer):
         super().__init__(tokenizer, skip_prompt=True)
-        self.drafts, self.puts = [], []
+        self.events = []
 
     def put_draft(self, value, **kwargs):
-        self.drafts.append(value.clone())
+        self.events.append(("draft", value.clone()))
 
     def put(self, value):
-        self.puts.append(value.clone())
+        self.events.append(("put", value.clone()))
         super().put(value)
 
     def on_finalized_text(self, text, stream_end=False):
         self.text = getattr(self, "text", "") + text
 
 
-def test_text_diffusion_streamer_gets_a_draft_per_forward_and_the_settled_text(model, inputs, tokenizer):
+def test_text_diffusion_streamer_gets_the_draft_after_the_settled_text(model, inputs, tokenizer):
     one = {k: v[:1] for k, v in inputs.items()}
+    prompt_len = one["input_ids"].shape[1]
     streamer = RecordingDiffusionStreamer(tokenizer)
-    out = generate(model, one, streamer=streamer, output_commit_steps=True)
-    assert len(streamer.drafts) == out.nfe
-    assert all(d.shape == (1, 64) for d in streamer.drafts)
-    assert torch.equal(streamer.drafts[-1], out.sequences[:, -64:])
-    assert bool((streamer.drafts[0] == MASK).any())  # drafts carry the masks
-    settled = torch.cat(streamer.puts[1:])  # after the prompt: the settled runs, in order
-    assert torch.equal(settled, out.sequences[0, one["input_ids"].shape[1]:][: settled.numel()])
-    expected = tokenizer.decode(out.sequences[0, one["input_ids"].shape[1]:])
-    assert streamer.text.strip() == expected.strip()
+    out = generate(model, one, streamer=streamer, output_history=True)
+    kind, prompt = streamer.events[0]
+    assert kind == "put" and torch.equal(prompt, one["input_ids"])
+    drafts = [value for kind, value in streamer.events if kind == "draft"]
+    assert len(drafts) == out.nfe == len(out.history)
+    settled = prompt_len
+    step = 0
+    for kind, value in streamer.events[1:]:
+        if kind == "put":  # a newly settled run: the canvas right after what was settled before
+            assert torch.equal(value, out.history[step][0, settled:settled + value.numel()])
+            settled += value.numel()
+        else:  # the draft: the rest of the canvas, masks included, without the settled text (as transformers does)
+            assert torch.equal(value, out.history[step][:, settled:])
+            step += 1
+    assert bool((drafts[0] == MASK).any())
+    assert streamer.text.strip() == tokenizer.decode(out.sequences[0, prompt_len:]).strip()
 
 
 def test_iterator_streamer_yields_the_completion(model, inputs, tokenizer):

@@ -220,6 +220,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             errors.append(f"threshold must be in (0, 1], got {self.threshold!r} (Fast-dLLM uses 0.9).")
         if self.factor is not None and (not _is_number(self.factor) or self.factor <= 0):
             errors.append(f"factor must be a number > 0, got {self.factor!r} (Fast-dLLM uses 1.0).")
+        if self.pad_token_id is not None and self.pad_token_id == self.mask_token_id:
+            errors.append(f"pad_token_id equals mask_token_id ({self.mask_token_id}): padding would read as positions "
+                          "still to decode; use the EOS id (or another non-mask id) as pad_token_id.")
         if self.threshold is not None and self.factor is not None:
             errors.append("threshold and factor are two alternative parallel-decoding policies; set only one of them.")
         if self.alg == "origin" and (self.threshold is not None or self.factor is not None):

@@ -164,23 +164,31 @@ class DemoSession:
                                                       return_dict=True).to(self.model.device)
         return self.tokenizer([prompt], return_tensors="pt").to(self.model.device)
 
-    def start(self, inputs, jobs: list[tuple[str, dict]]) -> list[dict]:
-        """Decode each job in turn in one worker thread; return the per-job records the page reads."""
-        records = [{"label": label, "overrides": overrides, "streamer": CanvasStreamer(self.mask_token_id,
-                                                                                         timeout=600),
+    def start(self, inputs, jobs: list[tuple[str, dict]], cancelled: threading.Event) -> list[dict]:
+        """Decode each job in turn in one worker thread; return the per-job records the page reads. Setting
+        `cancelled` (the page went away) stops the running decode at its next step and skips the rest; a failed job
+        skips the rest too."""
+        records = [{"label": label, "overrides": overrides, "streamer": CanvasStreamer(self.mask_token_id),
                     "output": None, "error": None, "finished": threading.Event()} for label, overrides in jobs]
+        stop = [lambda canvas, scores: torch.full((canvas.shape[0],), cancelled.is_set(), dtype=torch.bool)]
 
         def work():
+            failed = None
             for record in records:
                 extra = {"assistant_model": self.guide} if record["overrides"].get("guidance") else {}
                 began = time.perf_counter()
                 try:
+                    if failed is not None or cancelled.is_set():
+                        raise RuntimeError("not run: an earlier decode of this request failed or was cancelled") \
+                            from failed
                     with torch.inference_mode():
                         record["output"] = self.model.diffusion_generate(
                             **inputs, streamer=record["streamer"], return_dict_in_generate=True,
-                            output_commit_steps=True, tokenizer=self.tokenizer, **record["overrides"], **extra)
+                            output_commit_steps=True, tokenizer=self.tokenizer, stopping_criteria=stop,
+                            **record["overrides"], **extra)
                     record["seconds"] = time.perf_counter() - began
                 except BaseException as error:  # the page shows it; the next request starts afresh
+                    failed = failed or error
                     record["error"] = error
                     record["streamer"].close(error)
                 finally:
@@ -207,7 +215,8 @@ def decode_stream(session: DemoSession, prompt: str, settings: Settings, compare
     inputs = session.encode(prompt)
     prompt_length = inputs["input_ids"].shape[1]
     jobs = [("this configuration", overrides)] + ([("vanilla", vanilla_overrides(settings))] if compare else [])
-    records = session.start(inputs, jobs)
+    cancelled = threading.Event()
+    records = session.start(inputs, jobs, cancelled)
     frames: list[CanvasFrame | None] = [None] * len(records)
     done = [False] * len(records)
     notes = "".join(f"\n\nNote: {note}." for note in settings.notes)
@@ -219,18 +228,29 @@ def decode_stream(session: DemoSession, prompt: str, settings: Settings, compare
         return shown[0], shown[1] if len(shown) > 1 else ""
 
     yield *canvases(), "decoding…" + notes, ""
-    while not all(done):
-        for index, record in enumerate(records):
-            if done[index]:
+    try:
+        while not all(done):
+            moved = False
+            for index, record in enumerate(records):  # never blocks on a job that has not started yet
+                if done[index]:
+                    continue
+                try:
+                    frame = record["streamer"].get(timeout=0)
+                except StopIteration:
+                    done[index] = moved = True
+                    continue
+                if frame is not None:
+                    frames[index], moved = frame, True
+            if not moved:
+                time.sleep(0.01)
                 continue
-            try:
-                frames[index] = next(record["streamer"])
-            except StopIteration:
-                done[index] = True
-        main_html, vanilla_html = canvases()
-        yield main_html, vanilla_html, "decoding…" + notes, ""
-        if replay_ms > 0:
-            time.sleep(replay_ms / 1000)
+            main_html, vanilla_html = canvases()
+            yield main_html, vanilla_html, "decoding…" + notes, ""
+            if replay_ms > 0:
+                time.sleep(replay_ms / 1000)
+    finally:  # also when the page goes away mid-stream (the generator is closed): stop decoding
+        if not all(done):
+            cancelled.set()
     for record in records:
         record["finished"].wait()
         if record["error"] is not None:

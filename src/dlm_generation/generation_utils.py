@@ -57,7 +57,8 @@ class DiffusionGenerateOutput(ModelOutput):
             nothing was committed (positions a stop filled with padding).
         commit_steps: with `output_commit_steps=True`, (batch, max_new_tokens) int64: the forward pass (1-based,
             counted like `nfe`) after which each generated position stopped being a mask: committed, or filled with
-            `pad_token_id` when its row stopped. Positions committed by the same forward share a value, so the
+            `pad_token_id` when its row stopped (a committed position that a stop later overwrote with padding keeps
+            the step its token was committed at). Positions committed by the same forward share a value, so the
             tensor shows the decoding order and how many tokens each forward settled.
             dlm-generation's `visualize` module turns it into a picture or a terminal rendering.
     """
@@ -146,6 +147,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, config)
         given_prompt, input_ids = input_ids, self._unmask_padding(input_ids, attention_mask, config)
         batch, prompt_len = input_ids.shape
+        drafts = self._check_streamer(streamer, batch)
         config = self._resolve_lengths(config, prompt_len)
         guidance, assistant_model, hidden_ids = self._prepare_guidance(
             config, assistant_model, tokenizer, assistant_tokenizer, input_ids.device
@@ -182,10 +184,10 @@ class DiffusionGenerationMixin(GenerationMixin):
         confidences = canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32) if config.output_confidences else None
         commit_steps = canvas.new_zeros((batch, config.max_new_tokens)) if config.output_commit_steps else None
         nfe = 0
-        drafts = self._check_streamer(streamer, batch)
         if streamer is not None:
-            streamer.put(input_ids.cpu())
+            streamer.put(given_prompt.cpu())
         streamed = prompt_len
+        full_drafts = drafts and getattr(streamer, "supports_batch", False)
 
         # 4. the denoising loop
         block_length = config.block_length or config.max_new_tokens
@@ -277,10 +279,10 @@ class DiffusionGenerationMixin(GenerationMixin):
                     if commit_steps is not None:
                         settled_now = (commit_steps == 0) & (canvas[:, prompt_len:] != mask_id)
                         commit_steps.masked_fill_(settled_now, nfe)
-                    if drafts:
-                        streamer.put_draft(canvas[:, prompt_len:].cpu())
                     if streamer is not None and batch == 1:
                         streamed = self._stream_settled(streamer, canvas, streamed, mask_id)
+                    if drafts:  # a one-row streamer's draft follows its settled text; a batch streamer sees it all
+                        streamer.put_draft(canvas[:, prompt_len if full_drafts else streamed:].cpu())
                     # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
                     # sync) also ends the block, and every later block, once all rows are finished.
 
@@ -400,6 +402,15 @@ class DiffusionGenerationMixin(GenerationMixin):
         return input_ids, attention_mask
 
     @staticmethod
+    def _pad_id(config) -> int:
+        """What fills a finished row: pad_token_id, else the first EOS id (never the mask id: it would read as a
+        position still to decode)."""
+        if config.pad_token_id is not None:
+            return config.pad_token_id
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        return eos if eos is not None else config.mask_token_id
+
+    @staticmethod
     def _unmask_padding(input_ids, attention_mask, config):
         """Padding written with the mask id (a tokenizer whose pad token is the mask) would look like positions to
         fill; the canvas holds another id there (never attended to), and the output gets the given prompt back."""
@@ -424,12 +435,12 @@ class DiffusionGenerationMixin(GenerationMixin):
                 config.max_new_tokens = config.max_length - prompt_len
             else:
                 config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-        limit = self._position_limit()
+        limit_name, limit = self._position_limit()
         if limit is not None and prompt_len + config.max_new_tokens > limit:
             raise ValueError(
                 f"The prompt ({prompt_len} tokens) plus max_new_tokens ({config.max_new_tokens}) needs "
                 f"{prompt_len + config.max_new_tokens} positions, more than the model's {limit} "
-                f"({type(self.config).__name__}); shorten the prompt or lower max_new_tokens."
+                f"({type(self.config).__name__}.{limit_name}); shorten the prompt or lower max_new_tokens."
             )
         if config.steps is None:
             config.steps = config.max_new_tokens
@@ -437,13 +448,14 @@ class DiffusionGenerationMixin(GenerationMixin):
         config.check_resolved()
         return config
 
-    def _position_limit(self) -> int | None:
-        """The longest canvas the model's config allows (LLaDA: max_sequence_length; Dream: max_position_embeddings)."""
+    def _position_limit(self) -> tuple[str, int | None]:
+        """The longest canvas the model's config allows (LLaDA: max_sequence_length; Dream: max_position_embeddings),
+        with the field's name."""
         for name in ("max_position_embeddings", "max_sequence_length"):
             value = getattr(self.config, name, None)
             if isinstance(value, int) and value > 0:
-                return value
-        return None
+                return name, value
+        return "", None
 
     # ------------------------------------------------------------------------------------------ 2-3. set-up
     def _prepare_guidance(self, config, assistant_model, tokenizer, assistant_tokenizer, device):
@@ -604,7 +616,7 @@ class DiffusionGenerationMixin(GenerationMixin):
 
     def _update_finished(self, canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer):
         """Mark rows as finished; pad what follows a row's stop (eos_early_stop, stop_strings) or its masks."""
-        pad_id = config.pad_token_id if config.pad_token_id is not None else config.mask_token_id
+        pad_id = self._pad_id(config)
         if config.eos_early_stop and stop_ids.numel():
             generated = canvas[:, prompt_len:]
             is_mask = generated == config.mask_token_id

@@ -90,7 +90,10 @@ class CanvasStreamer(BaseStreamer):
 
     # -- the generating side (transformers' protocol)
     def put(self, value: torch.LongTensor) -> None:
-        """The first call carries the prompt; later calls (settled runs of a batch of one) are already in drafts."""
+        """The first call carries the prompt; later calls (settled runs of a batch of one) are already in drafts.
+        A streamer passed to a new call after its previous one ended starts afresh (its old frames are dropped)."""
+        if self._closed:
+            self.__init__(self.mask_token_id, self.timeout, self.keep_frames)
         if self.prompt is None:
             self.prompt = value if value.dim() == 2 else value[None]
             self._began = time.perf_counter()
@@ -121,11 +124,19 @@ class CanvasStreamer(BaseStreamer):
         return self
 
     def __next__(self) -> CanvasFrame:
-        try:
-            item = self._queue.get(timeout=self.timeout)
-        except queue.Empty:
+        frame = self.get(self.timeout)
+        if frame is None:
             raise TimeoutError(f"no canvas frame within {self.timeout} s: is diffusion_generate running with "
-                               "streamer=this streamer, and does its thread call close(error) when it fails?") from None
+                               "streamer=this streamer, and does its thread call close(error) when it fails?")
+        return frame
+
+    def get(self, timeout: float | None = 0.0) -> CanvasFrame | None:
+        """The next frame, or None if none arrives within `timeout` seconds (0: do not wait; None: wait as long as it
+        takes). Raises StopIteration once decoding has ended, or the error given to `close`."""
+        try:
+            item = self._queue.get(block=timeout is None or timeout > 0, timeout=timeout or None)
+        except queue.Empty:
+            return None
         if isinstance(item, _Finished):
             self._queue.put(item)  # later reads stop too
             if item.error is not None:
