@@ -15,9 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TextStreamer
 
+import dlm_generation
 from dlm_generation import CanvasStreamer, DiffusionGenerationConfig
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+PACKAGE = Path(dlm_generation.__file__).resolve().parent
 PROMPT = torch.tensor([[5, 6, 7]])
 MASK = 500
 
@@ -112,6 +114,8 @@ CASES = [
     ("threshold above 1", lambda m, d, t: generate(m, threshold=1.5), ["threshold must be in (0, 1]", "Fast-dLLM uses 0.9"]),
     ("factor zero", lambda m, d, t: generate(m, factor=0), ["factor must be a number > 0", "Fast-dLLM uses 1.0"]),
     ("cfg negative", lambda m, d, t: generate(m, cfg_scale=-1.0), ["cfg_scale must be a finite number >= 0"]),
+    ("pad id equal to the mask id", lambda m, d, t: generate(m, pad_token_id=MASK),
+     ["pad_token_id equals mask_token_id (500)", "use the EOS id"]),
     ("boolean as string", lambda m, d, t: generate(m, eos_early_stop="yes"), ["eos_early_stop must be True or False"]),
     ("negative token id", lambda m, d, t: generate(m, eot_token_id=-3), ["eot_token_id must be a non-negative token id"]),
     ("mask id outside vocabulary", lambda m, d, t: generate(m, mask_token_id=9999),
@@ -193,7 +197,7 @@ CASES = [
     ("lm-eval model without a mask id", lambda m, d, t: eval_model_without_mask_id(m, t),
      ["has no usable mask_token_id", "config.json"]),
     ("a saved config with fields from a newer version", lambda m, d, t: generate(with_newer_field(m, t)),
-     ["does not know: ['remask_budget']", "upgrade dlm-generation", "delete those fields"]),
+     ["does not know: ['remask_budget']", "upgrade dlm-generation", ".drop_unknown_fields()"]),
     ("a passed config with unknown fields", lambda m, d, t: generate(m, generation_config=DiffusionGenerationConfig.from_dict(
         {"remask_budget": 0.2})), ["passed to this call has field(s)", "remask_budget"]),
     ("a one-row streamer for a batch", lambda m, d, t: generate(m, PROMPT.repeat(2, 1), streamer=TextStreamer(
@@ -212,8 +216,8 @@ def test_bad_input_says_what_was_wrong_and_what_to_do(name, call, patterns, llad
     message = str(caught.value)
     for pattern in patterns:
         assert pattern in message, f"{name}: {pattern!r} not in {message!r}"
-    innermost = traceback.extract_tb(caught.value.__traceback__)[-1].filename
-    assert "dlm_generation" in innermost, f"{name}: raised from {innermost}, not from this library"
+    innermost = Path(traceback.extract_tb(caught.value.__traceback__)[-1].filename).resolve()
+    assert PACKAGE in innermost.parents, f"{name}: raised from {innermost}, not from this library"
 
 
 def test_the_catalogue_is_large_and_distinct():
@@ -240,14 +244,32 @@ def test_shipped_models_hold_safetensors_only():
             assert "model.safetensors" in names and not any(n.endswith((".bin", ".pt", ".pth")) for n in names), folder
 
 
-def test_unknown_saved_fields_are_not_written_back(llada, tmp_path):
-    model = with_newer_field(llada, tmp_path)
-    model.generation_config._unknown_saved_fields = {}  # the user accepts decoding without them
-    assert generate(model).shape == (1, 11)
+@pytest.mark.parametrize("from_model_config", [True, False])
+def test_unknown_saved_fields_can_be_dropped_and_are_not_written_back(llada, tmp_path, from_model_config):
+    folder = tmp_path / "newer"
+    llada.save_pretrained(folder)
+    data = json.loads((folder / "generation_config.json").read_text())
+    data["_from_model_config"] = from_model_config
+    data.update(remask_budget=0.2, return_legacy_cache=True, unset_field=None)  # legacy and None fields are fine
+    (folder / "generation_config.json").write_text(json.dumps(data))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.generation_config.unknown_fields() == {"remask_budget": 0.2}
+    with pytest.raises(ValueError, match="remask_budget"):
+        generate(model)
+    assert model.generation_config.drop_unknown_fields() == {"remask_budget": 0.2}
+    assert torch.equal(generate(model), generate(llada))
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "generation_config.json").read_text())
     assert "_unknown_saved_fields" not in saved and "remask_budget" not in saved
-    shutil.rmtree(tmp_path / "saved")
+
+
+def test_a_plain_generation_config_with_unknown_fields_is_refused(llada):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=8)
+    config.remask_budget = 0.2
+    with pytest.raises(ValueError, match="passed to this call has field.*remask_budget"):
+        generate(llada, generation_config=config)
 
 
 def test_bad_input_leaves_the_model_usable(llada, dream, tmp_path):

@@ -254,7 +254,7 @@ def test_unsupported_ar_fields_accept_their_off_value(name, entry):
     pytest.param({"block_length": 3}, id="block_length-alone"),  # cross-field checks need both fields set
     pytest.param({"max_new_tokens": 32, "block_length": 8, "steps": 4}, id="blocks-ok"),
     pytest.param({"top_p": 1.0, "top_k": 1, "temperature": 0, "alg_temp": 0.0, "cfg_scale": 0}, id="boundaries"),
-    pytest.param({"eos_token_id": [501, 502], "pad_token_id": 0, "mask_token_id": 0}, id="token-lists-and-zero"),
+    pytest.param({"eos_token_id": [501, 502], "pad_token_id": 0, "mask_token_id": 1}, id="token-lists-and-zero"),
     pytest.param({"threshold": 1.0}, id="threshold-one"),
     pytest.param({"alg": "confidence_threshold", "threshold": 0.8}, id="confidence_threshold-threshold"),
     pytest.param({"do_sample": False, "return_dict_in_generate": True, "output_history": True}, id="booleans"),

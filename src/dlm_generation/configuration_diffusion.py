@@ -300,23 +300,25 @@ class DiffusionGenerationConfig(GenerationConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """As `GenerationConfig.from_dict`, remembering the saved fields this version does not know (a config written
         by a newer dlm-generation, say); `diffusion_generate` refuses to decode with them silently ignored."""
-        known = set(vars(cls())) | set(ALIASES)
-        unknown = {key: value for key, value in config_dict.items()
-                   if key not in known and not key.startswith("_") and key != "transformers_version"}
         result = super().from_dict(config_dict, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
-        config._unknown_saved_fields = unknown
+        config._unknown_saved_fields = unknown_fields(config_dict)
         return result
 
+    def unknown_fields(self) -> dict[str, Any]:
+        """The fields this config carries (or was loaded with) that neither dlm-generation nor transformers knows."""
+        return {**getattr(self, "_unknown_saved_fields", {}), **unknown_fields(vars(self))}
+
+    def drop_unknown_fields(self) -> dict[str, Any]:
+        """Forget the unknown fields (decode without them); returns what was dropped."""
+        dropped = self.unknown_fields()
+        for key in dropped:
+            self.__dict__.pop(key, None)
+        self._unknown_saved_fields = {}
+        return dropped
+
     def check_no_unknown_saved_fields(self, where: str) -> None:
-        unknown = getattr(self, "_unknown_saved_fields", None)
-        if unknown:
-            raise ValueError(
-                f"{where} has field(s) this version of dlm-generation does not know: {sorted(unknown)} (written by a "
-                "newer version, or another library?). Decoding without them could differ from what the config "
-                "intends: upgrade dlm-generation (pip install -U dlm-generation), or delete those fields from "
-                "generation_config.json (or the loaded config) to decode without them."
-            )
+        check_no_unknown_fields(self.unknown_fields(), where)
 
     @classmethod
     def from_model_config(cls, model_config) -> DiffusionGenerationConfig:
@@ -338,6 +340,37 @@ class DiffusionGenerationConfig(GenerationConfig):
     def explicit_fields(self) -> dict[str, Any]:
         """The fields this config sets (non-None) among those the diffusion loop reads."""
         return {name: getattr(self, name) for name in LIBRARY_DEFAULTS if getattr(self, name, None) is not None}
+
+
+# Fields older transformers versions wrote into generation_config.json and later dropped: not from a newer version.
+LEGACY_GENERATION_FIELDS = {"return_legacy_cache", "forced_decoder_ids", "trust_remote_code", "generation_kwargs",
+                            "use_cache", "transformers_version"}
+
+
+def unknown_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a config dict that no version of the loop reads: not a field of DiffusionGenerationConfig (nor of
+    its parent), not an alias, not private, not a legacy transformers field, and not None."""
+    known = set(_KNOWN_FIELDS) if _KNOWN_FIELDS else set()
+    if not known:
+        known.update(vars(DiffusionGenerationConfig()))
+        known.update(ALIASES)
+        _KNOWN_FIELDS.extend(known)
+    return {key: value for key, value in fields.items()
+            if key not in known and key not in LEGACY_GENERATION_FIELDS and not key.startswith("_") and value is not None}
+
+
+_KNOWN_FIELDS: list[str] = []
+
+
+def check_no_unknown_fields(unknown: dict[str, Any], where: str) -> None:
+    if unknown:
+        raise ValueError(
+            f"{where} has field(s) this version of dlm-generation does not know: {sorted(unknown)} (written by a "
+            "newer version, or another library?). Decoding without them could differ from what the config intends: "
+            "upgrade dlm-generation (pip install -U dlm-generation), or decode without them: call "
+            ".drop_unknown_fields() on that config (e.g. model.generation_config), or delete them from "
+            "generation_config.json."
+        )
 
 
 def guidance_conflicts(config) -> list[str]:

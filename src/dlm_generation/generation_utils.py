@@ -26,6 +26,8 @@ from .configuration_diffusion import (
     DEFAULT_MAX_NEW_TOKENS,
     LIBRARY_DEFAULTS,
     DiffusionGenerationConfig,
+    check_no_unknown_fields,
+    unknown_fields,
     check_known_kwargs,
     guidance_conflicts,
     translate_aliases,
@@ -331,6 +333,8 @@ class DiffusionGenerationMixin(GenerationMixin):
                               (generation_config, "The generation_config passed to this call")):
             if isinstance(source, DiffusionGenerationConfig):
                 source.check_no_unknown_saved_fields(where)
+            elif source is not None:  # a plain GenerationConfig: the fields it carries as attributes
+                check_no_unknown_fields(unknown_fields(vars(source)), where)
         call_kwargs = translate_aliases(kwargs)
         kwargs.clear()
         layers = [
