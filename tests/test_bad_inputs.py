@@ -278,3 +278,25 @@ def test_bad_input_leaves_the_model_usable(llada, dream, tmp_path):
         with pytest.raises(ValueError):
             call(llada, dream, tmp_path / str(len(list(tmp_path.iterdir()))))
     assert torch.equal(generate(llada), expected[0]) and torch.equal(generate(dream), expected[1])
+
+
+def test_pickle_only_hub_repositories_and_variants_are_refused(llada, tmp_path, monkeypatch):
+    """The Hub cannot be reached here, so the repository's file list is given (huggingface_hub.list_repo_files)."""
+    import huggingface_hub
+
+    from dlm_generation import LLaDAModelLM
+
+    listed = {"someone/pickle-only": ["config.json", "pytorch_model.bin"],
+              "someone/sharded": ["config.json", "sub/pytorch_model-00001-of-00002.bin",
+                                  "sub/pytorch_model.bin.index.json"]}
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None, token=None: listed[repo])
+    with pytest.raises(ValueError, match=r"someone/pickle-only holds only pickle weights \(pytorch_model.bin\)"):
+        LLaDAModelLM.from_pretrained("someone/pickle-only")
+    with pytest.raises(ValueError, match="pytorch_model-00001-of-00002.bin, pytorch_model.bin.index.json"):
+        LLaDAModelLM.from_pretrained("someone/sharded", subfolder="sub")
+    folder = tmp_path / "variant"
+    llada.save_pretrained(folder)
+    (folder / "model.safetensors").rename(folder / "adapter_model.safetensors")  # not model weights
+    torch.save(llada.state_dict(), folder / "pytorch_model.fp16.bin")
+    with pytest.raises(ValueError, match=r"holds only pickle weights \(pytorch_model.fp16.bin\)"):
+        AutoModelForCausalLM.from_pretrained(folder, variant="fp16")

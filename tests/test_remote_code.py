@@ -177,7 +177,7 @@ def test_saved_code_has_no_absolute_package_import(saved):
             elif isinstance(node, ast.ImportFrom):
                 if node.level == 0:
                     top = node.module.split(".")[0]
-                    assert top in {"__future__", "torch", "transformers", "typing", "dataclasses"}, (
+                    assert top in {"__future__", "torch", "transformers", "huggingface_hub", "typing", "dataclasses"}, (
                         path.name,
                         node.module,
                     )

@@ -1,9 +1,9 @@
 """Building blocks shared by the diffusion LM modeling files (LLaDA, Dream).
 
 This file travels with saved models (it is a single-dot sibling import of the modeling files), so it imports only
-torch and transformers. It holds what both architectures compute identically: RMSNorm in float32, rotary position
-embeddings, the bidirectional attention call with its one cache contact point, and the conversion of a padding mask
-into an SDPA mask.
+torch, transformers and (lazily, for a Hub file list) huggingface_hub, which transformers requires. It holds what both
+architectures compute identically: RMSNorm in float32, rotary position embeddings, the bidirectional attention call
+with its one cache contact point, the conversion of a padding mask into an SDPA mask, and safetensors-only loading.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ from torch import nn
 from .diffusion_cache import DiffusionCache
 
 
-PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+def _weight_files(names) -> tuple[list[str], bool]:
+    """The pickle weight files among `names` (any variant or shard) and whether model safetensors are there."""
+    pickles = sorted(n for n in names if n.startswith("pytorch_model") and (n.endswith(".bin") or n.endswith(".bin.index.json")))
+    safetensors = any(n.startswith("model") and (n.endswith(".safetensors") or n.endswith(".safetensors.index.json"))
+                      for n in names)
+    return pickles, safetensors
 
 
 class SafetensorsOnlyMixin:
@@ -26,29 +31,39 @@ class SafetensorsOnlyMixin:
 
     transformers itself prefers `model.safetensors` but falls back to `pytorch_model.bin`, which it reads with
     `torch.load(weights_only=True)` (a restricted unpickler: tensors and plain containers only). A pickle is still
-    code-bearing data from whoever wrote the folder, so these models refuse that fallback: a folder with only
-    pickle weights raises, and a Hub repository is asked for safetensors (`use_safetensors=True`).
-    `save_pretrained` writes safetensors (transformers' default).
+    code-bearing data from whoever wrote the folder, so these models refuse that fallback: a local folder or a Hub
+    repository whose file list shows only pickle weights raises (when the Hub cannot be reached, transformers decides
+    as usual). `save_pretrained` writes safetensors (transformers' default).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        if kwargs.get("use_safetensors") is not False:
-            folder = os.fspath(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else ""
+        if kwargs.get("use_safetensors") is not False and pretrained_model_name_or_path is not None \
+                and not kwargs.get("gguf_file"):
+            source = os.fspath(pretrained_model_name_or_path)
             subfolder = kwargs.get("subfolder") or ""
-            if folder and os.path.isdir(os.path.join(folder, subfolder)):
-                files = set(os.listdir(os.path.join(folder, subfolder)))
-                has_safetensors = any(name.endswith(".safetensors") or name == "model.safetensors.index.json"
-                                      for name in files)
-                pickles = sorted(files & set(PICKLE_WEIGHT_FILES))
+            names = None
+            if os.path.isdir(os.path.join(source, subfolder)):
+                names = os.listdir(os.path.join(source, subfolder))
+            elif not kwargs.get("local_files_only") and not os.path.exists(source):
+                try:  # a Hub id: its file list (no download); offline or private without a token: skip the check
+                    from huggingface_hub import list_repo_files
+
+                    prefix = f"{subfolder}/" if subfolder else ""
+                    names = [n[len(prefix):] for n in list_repo_files(source, revision=kwargs.get("revision"),
+                                                                      token=kwargs.get("token"))
+                             if n.startswith(prefix) and "/" not in n[len(prefix):]]
+                except Exception:  # noqa: BLE001  (any failure to list leaves the decision to transformers)
+                    names = None
+            if names is not None:
+                pickles, has_safetensors = _weight_files(names)
                 if pickles and not has_safetensors:
                     raise ValueError(
-                        f"{folder} holds only pickle weights ({', '.join(pickles)}), and these models load "
+                        f"{source} holds only pickle weights ({', '.join(pickles)}), and these models load "
                         "safetensors only. Convert them (load once with use_safetensors=False, then "
-                        "save_pretrained), or, if you trust whoever wrote the folder, pass use_safetensors=False "
-                        "to load the pickle (transformers reads it with torch.load(weights_only=True))."
+                        "save_pretrained), or, if you trust whoever wrote them, pass use_safetensors=False to load "
+                        "the pickle (transformers reads it with torch.load(weights_only=True))."
                     )
-            kwargs["use_safetensors"] = True
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
