@@ -7,7 +7,6 @@ Each case is (id, call, what the message must say). The counts in the README com
 from __future__ import annotations
 
 import json
-import shutil
 import traceback
 from pathlib import Path
 

@@ -136,11 +136,12 @@ def test_threads_sharing_one_model_get_the_sequential_results(model):
         except BaseException as error:  # surfaced below
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a thread did not finish within 300 s"
     assert not errors, errors
     assert len(results) == 4 * len(JOBS)
     for (thread, index), sequences in results.items():

@@ -175,7 +175,7 @@ def test_plot_compares_configurations_side_by_side(model, inputs, tokenizer, tmp
     figure = plot_commit_trace(outputs, tokenizer, path=path, title="tiny", block_length=32)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     axes = [a for a in figure.axes if a.get_title(loc="left")]
-    assert [a.get_title(loc="left") for a in axes] == [f"{n}: {int(o.commit_steps.max())} forward passes"
+    assert [a.get_title(loc="left") for a in axes] == [f"{n}: {o.nfe} forward passes"
                                              for n, o in outputs.items()]
     texts = {t.get_text() for t in axes[0].texts}
     assert "####" in "".join(texts) or "␣####" in texts  # the decoded tokens are written in the cells
@@ -225,3 +225,24 @@ def test_the_trace_picture_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "vanilla (one token per step): " in result.stdout and "threshold 0.9: " in result.stdout
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_stop_token_stays_visible_when_pad_is_eos(tokenizer):
+    """LLaDA and Dream pad with their EOS id: the first EOS is drawn, the padding after it is not."""
+    class EosPads:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        pad_token_id = tokenizer.eos_token_id
+
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(" 24", add_special_tokens=False)["input_ids"] + [eos, eos, eos]
+    text = render_commit_trace(torch.tensor([ids]), torch.tensor([[1] * len(ids)]), EosPads(), color=False)
+    assert text.splitlines()[0].split() == token_labels(tokenizer, ids[:-2])
+    figure = plot_commit_trace({"x": (torch.tensor([ids]), torch.tensor([[1] * len(ids)]))}, EosPads())
+    assert "eos" in {t.get_text() for t in figure.axes[0].texts}
+    assert figure.axes[0].get_title(loc="left") == "x: last commit step 1"
+    with pytest.raises(ValueError, match="rows is empty"):
+        plot_commit_trace({"x": (torch.tensor([ids]), torch.tensor([[1] * len(ids)]))}, tokenizer, rows=[])
+    assert render_commit_trace(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long),
+                               tokenizer) == ""

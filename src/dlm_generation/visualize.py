@@ -96,6 +96,17 @@ def _shown_positions(tokens: torch.Tensor, stop_ids: set[int], extra: int = 4) -
     return min(shown, tokens.shape[1])
 
 
+def _padding(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(batch, length) True at the padding after each row's first stop token (the stop itself stays visible, also
+    when the pad id is the EOS id, as in LLaDA and Dream)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    is_stop = torch.isin(tokens, torch.tensor(sorted(_stop_ids(tokenizer)), dtype=tokens.dtype))
+    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    return after_stop & (tokens == pad)
+
+
 def _stop_ids(tokenizer) -> set[int]:
     return {i for i in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None))
             if i is not None}
@@ -129,9 +140,13 @@ def plot_commit_trace(panels: Mapping[str, object], tokenizer, path=None, max_po
         raise ImportError("plot_commit_trace needs matplotlib: pip install 'dlm-generation[bench]'") from error
     if not panels:
         raise ValueError("panels is empty: pass {label: output} for at least one configuration.")
-    traces = {}
+    if rows is not None and not len(rows):
+        raise ValueError("rows is empty: pass the batch rows to draw (default: all).")
+    traces, forwards = {}, {}
     for label, output in panels.items():
         tokens, steps = trace_of(output)
+        nfe = getattr(output, "nfe", None)
+        forwards[label] = f"{nfe} forward passes" if nfe else f"last commit step {max(int(steps.max()), 1)}"
         if rows is not None:
             bad = [r for r in rows if not 0 <= r < tokens.shape[0]]
             if bad:
@@ -147,17 +162,15 @@ def plot_commit_trace(panels: Mapping[str, object], tokenizer, path=None, max_po
                                 figsize=(1.6 + cell_width * width, 0.9 + sum(0.34 * h + 0.55 for h in heights)),
                                 gridspec_kw={"height_ratios": heights})
     for axis, (label, (tokens, steps)) in zip(axes[:, 0], traces.items()):
+        last = max(int(steps.max()), 1)  # the colour scale covers the whole trace, drawn columns or not
+        hidden = _padding(tokens, tokenizer)[:, :width]
         tokens, steps = tokens[:, :width], steps[:, :width]
-        last = max(int(steps.max()), 1)
-        shown = steps.float().masked_fill(steps == 0, float("nan"))
-        pad = tokenizer.pad_token_id
-        if pad is not None:
-            shown = shown.masked_fill(tokens == pad, float("nan"))
+        shown = steps.float().masked_fill((steps == 0) | hidden, float("nan"))
         image = axis.imshow(shown.numpy(), cmap=cmap, vmin=1, vmax=last, aspect="auto", interpolation="nearest")
         axis.set_facecolor("#e8e8e8")
         for r, row in enumerate(tokens.tolist()):
             for c, text in enumerate(token_labels(tokenizer, row)):
-                if pad is not None and row[c] == pad:
+                if hidden[r, c]:
                     continue
                 value = int(steps[r, c])
                 dark = value and (value - 1) / max(last - 1, 1) < 0.55
@@ -166,7 +179,7 @@ def plot_commit_trace(panels: Mapping[str, object], tokenizer, path=None, max_po
         if block_length:
             for boundary in range(block_length, width, block_length):
                 axis.axvline(boundary - 0.5, color="black", linewidth=1.2)
-        axis.set_title(f"{label}: {last} forward passes", fontsize=9, loc="left")
+        axis.set_title(f"{label}: {forwards[label]}", fontsize=9, loc="left")
         axis.set_yticks(range(tokens.shape[0]))
         axis.set_yticklabels([f"row {r}" for r in (rows or range(tokens.shape[0]))], fontsize=7)
         ticks = list(range(0, width, 8))
@@ -192,16 +205,18 @@ def render_commit_trace(tokens: torch.Tensor, commit_steps: torch.Tensor, tokeni
     printed under the tokens instead. Positions still masked (commit step 0) print as '·'; padding is left out.
     """
     tokens, steps = trace_of((tokens, commit_steps))
+    if tokens.numel() == 0:
+        return ""
     stops = _stop_ids(tokenizer)
     width = max_positions or _shown_positions(tokens, stops, extra=0)
     last = max(int(steps.max()), 1)
-    pad = tokenizer.pad_token_id
+    hidden = _padding(tokens, tokenizer)[:, :width].tolist()
     lines = []
-    for row, row_steps in zip(tokens[:, :width].tolist(), steps[:, :width].tolist()):
+    for row, row_steps, row_hidden in zip(tokens[:, :width].tolist(), steps[:, :width].tolist(), hidden):
         labels = token_labels(tokenizer, row)
         cells, numbers = [], []
-        for token_id, label, step in zip(row, labels, row_steps):
-            if pad is not None and token_id == pad and token_id != mask_token_id:
+        for token_id, label, step, skip in zip(row, labels, row_steps, row_hidden):
+            if skip and token_id != mask_token_id:
                 continue
             if step == 0 or token_id == mask_token_id:
                 label = "·"
