@@ -5,7 +5,8 @@ and block layout, steps, schedule, scorer, commit policy (steps, threshold, fact
 random guide sharing the vocabulary), sampling settings with a fixed seed, CFG, early stop, the EOS switches and a
 cache with its settings, and checks the invariants every configuration must keep:
 
-- no mask id in the output, the prompt unchanged, exact shapes, NFE within its bound;
+- no mask id in the output, the prompt unchanged, exact shapes, NFE within its bound, every position's commit step
+  within [1, NFE] (and asking for the commit trace changes nothing);
 - each batch row equals its solo run (deterministic configurations);
 - the same seed gives the same output (temperature 0: no seed needed);
 - `eos_early_stop` keeps the text up to the first stop token identical to the run without it;
@@ -158,7 +159,7 @@ def up_to_first_stop(row: torch.Tensor) -> list[int]:
 
 
 def check(case: Case) -> None:
-    ids, mask, out = run(case)
+    ids, mask, out = run(case, output_commit_steps=True)
     batch, prompt_len = ids.shape
     gen = case.kwargs["max_new_tokens"]
     sequences = out.sequences
@@ -185,7 +186,10 @@ def check(case: Case) -> None:
             assert out.nfe <= steps + forced, (out.nfe, steps)
     if case.kwargs.get("guidance"):
         assert out.assistant_forwards >= 1
-    # temperature 0 (and any seeded run) is reproducible
+    # every generated position settled at a forward of this call
+    steps_taken = out.commit_steps
+    assert steps_taken.shape == (batch, gen) and int(steps_taken.min()) >= 1 and int(steps_taken.max()) <= out.nfe
+    # temperature 0 (and any seeded run) is reproducible, and asking for the trace changed nothing
     again = run(case)[2]
     assert torch.equal(again.sequences, sequences) and again.nfe == out.nfe, "the same seed gave another output"
     case.checked.append("reproducible")
