@@ -125,10 +125,11 @@ class DiffusionGenerationMixin(GenerationMixin):
                 which one returns True is finished and its remaining masks become `pad_token_id`.
             streamer: follows transformers' streamer protocol. `put` receives the prompt, then each newly settled
                 token run (generated tokens before the first mask); a streamer with `put_draft` (such as
-                `TextDiffusionStreamer`) also receives the generated canvas, masks included, after every forward;
+                `TextDiffusionStreamer`) also receives, after every forward, the canvas after that settled text,
+                masks included;
                 `end` is called when decoding is done. These streamers handle one row; for batches use a streamer
                 whose `supports_batch` is True (dlm-generation's `CanvasStreamer`), which then receives the prompt
-                and the drafts of every row, but no settled runs.
+                and, as drafts, the whole generated canvas of every row, but no settled runs.
             past_key_values: a `DiffusionCache` instance (overrides `cache_implementation`).
             assistant_model: the AR guide of AR-guided diffusion (a causal LM sharing the tokenizer); its options
                 are the config's `guidance` dict (deterministic acceptance when unset). Without it, a config whose

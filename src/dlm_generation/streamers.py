@@ -1,8 +1,9 @@
 """Streamers for diffusion decoding.
 
 `diffusion_generate(..., streamer=...)` follows transformers' streamer protocol: `put(prompt)`, then after every
-forward `put_draft(canvas)` when the streamer has that method (the generated positions, masks included), `put` of each
-newly settled run of tokens (the tokens before the first mask, batch size 1 only) and finally `end()`.
+forward `put` of each newly settled run of tokens (the tokens before the first mask, batch size 1 only), then
+`put_draft(draft)` when the streamer has that method: the canvas after the settled text, masks included (a streamer
+whose `supports_batch` is True gets the whole generated canvas of every row), and finally `end()`.
 
 Which streamer for what:
 
