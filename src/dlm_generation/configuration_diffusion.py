@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import math
 from typing import Any
 
@@ -350,16 +351,14 @@ LEGACY_GENERATION_FIELDS = {"return_legacy_cache", "forced_decoder_ids", "trust_
 def unknown_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """The entries of a config dict that no version of the loop reads: not a field of DiffusionGenerationConfig (nor of
     its parent), not an alias, not private, not a legacy transformers field, and not None."""
-    known = set(_KNOWN_FIELDS) if _KNOWN_FIELDS else set()
-    if not known:
-        known.update(vars(DiffusionGenerationConfig()))
-        known.update(ALIASES)
-        _KNOWN_FIELDS.extend(known)
+    known = _known_fields()
     return {key: value for key, value in fields.items()
             if key not in known and key not in LEGACY_GENERATION_FIELDS and not key.startswith("_") and value is not None}
 
 
-_KNOWN_FIELDS: list[str] = []
+@functools.lru_cache(maxsize=1)
+def _known_fields() -> frozenset[str]:
+    return frozenset(vars(DiffusionGenerationConfig())) | frozenset(ALIASES)
 
 
 def check_no_unknown_fields(unknown: dict[str, Any], where: str) -> None:
