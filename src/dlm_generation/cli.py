@@ -131,7 +131,10 @@ def read_prompts(args, parser) -> list[str]:
     return prompts
 
 
-def load(args, parser):
+def load_models(model_path: str, assistant_model: str | None = None, device: str = "cpu", dtype: str | None = None,
+                peft: str | None = None):
+    """(model, tokenizer, guide) for a LLaDA / Dream folder or Hub id, an optional PEFT adapter and AR guide; the
+    tokenizer pads on the left (the canvas follows the prompt). Raises OSError / ValueError saying what failed."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,30 +142,37 @@ def load(args, parser):
 
     from .generation_utils import DiffusionGenerationMixin
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-    except OSError as error:
-        parser.error(f"cannot load {args.model!r}: {str(error).splitlines()[0]}")
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     if not isinstance(model, DiffusionGenerationMixin):
-        parser.error(f"{args.model} holds a {type(model).__name__}, not a diffusion model (LLaDA or Dream); pass an "
-                     "autoregressive model as --assistant-model")
-    if args.peft:
+        raise ValueError(f"{model_path} holds a {type(model).__name__}, not a diffusion model (LLaDA or Dream); pass "
+                         "an autoregressive model as --assistant-model")
+    if peft:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, args.peft).eval()
+            model = PeftModel.from_pretrained(model, peft).eval()
         except (OSError, ValueError) as error:
-            parser.error(f"cannot load the adapter --peft {args.peft!r}: {str(error).splitlines()[0]}")
-    tokenizer.padding_side = "left"  # the canvas follows the prompt
+            raise ValueError(f"cannot load the adapter --peft {peft!r}: {str(error).splitlines()[0]}") from error
     guide = None
-    if args.assistant_model:
+    if assistant_model:
         try:
-            guide = AutoModelForCausalLM.from_pretrained(args.assistant_model, dtype=dtype).to(args.device).eval()
+            guide = AutoModelForCausalLM.from_pretrained(assistant_model, dtype=torch_dtype).to(device).eval()
         except OSError as error:
-            parser.error(f"cannot load --assistant-model {args.assistant_model!r}: {str(error).splitlines()[0]}")
+            raise ValueError(f"cannot load --assistant-model {assistant_model!r}: {str(error).splitlines()[0]}") \
+                from error
     return model, tokenizer, guide
+
+
+def load(args, parser):
+    try:
+        return load_models(args.model, args.assistant_model, args.device, args.dtype, args.peft)
+    except OSError as error:
+        parser.error(f"cannot load {args.model!r}: {str(error).splitlines()[0]}")
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def config_overrides(args) -> dict[str, Any]:

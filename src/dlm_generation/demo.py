@@ -150,10 +150,11 @@ class DemoSession:
 
     def __init__(self, model, tokenizer, guide=None, name: str = ""):
         self.model, self.tokenizer, self.guide, self.name = model, tokenizer, guide, name
-        self.mask_token_id = int(model.generation_config.mask_token_id or model.config.mask_token_id)
+        mask = model.generation_config.mask_token_id
+        self.mask_token_id = int(mask if mask is not None else model.config.mask_token_id)
         self.model_alg = getattr(model.generation_config, "alg", None)
         eos = model.generation_config.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos_token_id = eos if eos is not None else model.config.eos_token_id
 
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:
         if not prompt or not prompt.strip():
@@ -198,10 +199,12 @@ class DemoSession:
         return records
 
     def summary(self, record: dict, prompt_length: int) -> dict:
+        from .benchmark import generated_lengths
+
         out = record["output"]
-        generated = out.sequences[0, prompt_length:].tolist()
-        end = next((i + 1 for i, t in enumerate(generated) if t in self.stop_ids), len(generated))
-        text = self.tokenizer.decode(generated[:end], skip_special_tokens=True).strip()
+        generated = out.sequences[:1, prompt_length:]
+        end = int(generated_lengths(generated, self.eos_token_id)[0])
+        text = self.tokenizer.decode(generated[0, :end], skip_special_tokens=True).strip()
         return {"label": record["label"], "nfe": out.nfe, "tokens": end, "seconds": record["seconds"],
                 "guide_forwards": out.assistant_forwards, "text": text}
 
@@ -328,20 +331,9 @@ def offline_theme():
 
 
 def load_session(model_path: str, assistant_model: str | None, device: str, dtype: str | None) -> DemoSession:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .cli import load_models
 
-    import dlm_generation  # noqa: F401  (registers LLaDA and Dream)
-
-    from .generation_utils import DiffusionGenerationMixin
-
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-    if not isinstance(model, DiffusionGenerationMixin):
-        raise ValueError(f"{model_path} holds a {type(model).__name__}, not a diffusion model (LLaDA or Dream).")
-    guide = None
-    if assistant_model:
-        guide = AutoModelForCausalLM.from_pretrained(assistant_model, dtype=torch_dtype).to(device).eval()
+    model, tokenizer, guide = load_models(model_path, assistant_model, device, dtype)
     return DemoSession(model, tokenizer, guide, name=str(model_path))
 
 

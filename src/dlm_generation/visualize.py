@@ -89,11 +89,10 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 def _shown_positions(tokens: torch.Tensor, stop_ids: set[int], extra: int = 4) -> int:
     """Positions up to each row's first stop token, plus `extra`, over all rows."""
-    shown = 1
-    for row in tokens.tolist():
-        first_stop = next((i for i, t in enumerate(row) if t in stop_ids), len(row) - 1)
-        shown = max(shown, first_stop + 1 + extra)
-    return min(shown, tokens.shape[1])
+    from .benchmark import generated_lengths
+
+    shown = int(generated_lengths(tokens, sorted(stop_ids) or None).max()) + extra
+    return max(1, min(shown, tokens.shape[1]))
 
 
 def _padding(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
