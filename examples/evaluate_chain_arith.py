@@ -9,6 +9,7 @@ the first EOS is what a run without it writes), and it keeps the long canvases a
     threshold-b32-g256   Fast-dLLM threshold 0.9 (alg low_confidence), block 32, length 256
     prefix-threshold-b32-g256, dual-threshold-b32-g256   the same with Fast-dLLM's prefix / dual KV cache
     vanilla-b8-g256      block 8, length 256
+    threshold-b8-g256, dual-threshold-b8-g256   threshold 0.9 at block 8 (without / with the dual cache)
     vanilla-1block-g256  one block (the whole canvas), length 256
 
 `--calibration` adds the reliability table of the committed tokens of the threshold row (confidence bins against
@@ -43,6 +44,8 @@ ROWS = {  # name -> (generation length, block length or None for one block, extr
     "prefix-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "prefix"}),
     "dual-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "dual"}),
     "vanilla-b8-g256": (256, 8, {}),
+    "threshold-b8-g256": (256, 8, THRESHOLD),
+    "dual-threshold-b8-g256": (256, 8, {**THRESHOLD, "cache_implementation": "dual"}),
     "vanilla-1block-g256": (256, None, {}),
     "dllm-b32-g256": (256, 32, {"cache_implementation": "dllm"}),
     "dllm-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "dllm"}),

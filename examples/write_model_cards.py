@@ -40,9 +40,8 @@ MODELS = {
         arch="LLaDA architecture (`LLaDAModelLM`, bidirectional Llama-style blocks, unshifted logits)",
         objective=DECODE_STATES + "; LLaDA's logits are unshifted (position i predicts token i)",
         family="llada",
-        init=("tiny-dream-chain-arith at step 1200 of its current run (exported as dream5_export) renamed to "
-              "LLaDA's parameter names (LLaDA's optional q/k/v biases hold Qwen2's) plus one block on top "
-              "initialised as an exact "
+        init=("the shipped tiny-dream-chain-arith (step 3200 of its run) renamed to LLaDA's parameter names "
+              "(LLaDA's optional q/k/v biases hold Qwen2's) plus one block on top initialised as an exact "
               "one-position shift of the residual stream (positional attention to the previous position, identity "
               "values, MLP off), so that LLaDA's unshifted head started out reading the features Dream's shifted "
               "head read"),
@@ -157,6 +156,8 @@ ACCURACY_ROWS = {  # examples/evaluate_chain_arith.py rows -> how the card names
     "prefix-threshold-b32-g256": "threshold 0.9 + prefix cache, block 32, gen 256",
     "dual-threshold-b32-g256": "threshold 0.9 + dual cache, block 32, gen 256",
     "vanilla-b8-g256": "vanilla, block 8, gen 256",
+    "threshold-b8-g256": "threshold 0.9, block 8, gen 256",
+    "dual-threshold-b8-g256": "threshold 0.9 + dual cache, block 8, gen 256",
     "vanilla-1block-g256": "vanilla, one block, gen 256",
     "dllm-b32-g256": "vanilla + dLLM-Cache (kp 50, kr 2, rou 0.25), block 32, gen 256",
     "dllm-threshold-b32-g256": "threshold 0.9 + dLLM-Cache, block 32, gen 256",

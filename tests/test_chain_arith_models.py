@@ -27,9 +27,10 @@ PROBLEMS = list(dev_split(8))
 # Correct answers out of the first 8 dev problems (CPU, float32); one below what the shipped weights solve, as
 # margin for other CPUs' rounding.
 MIN_SOLVED_AR = 6  # greedy; solves 7
+SHIPPED_BLOCK = {"llada": 8, "dream": 8}
 MIN_SOLVED = {  # (vanilla at gen 256, block 32, early stop; the shipped generation_config)
-    "llada": (6, 6),  # solves 7 and 7
-    "dream": (7, 7),  # solves 8 and 8
+    "llada": (7, 7),  # solves 8 and 8
+    "dream": (7, 6),  # solves 8 and 7
 }
 
 
@@ -74,8 +75,9 @@ def test_diffusion_model_solves_problems(tokenizer, family, folder, cls):
     assert isinstance(model, cls)
     assert AutoTokenizer.from_pretrained(folder).get_vocab() == tokenizer.get_vocab()
     shipped = model.generation_config
-    # the shipped configuration is the card's: gen 256, block 32, the lossless early stop
-    assert (shipped.max_new_tokens, shipped.block_length, shipped.eos_early_stop) == (256, 32, True)
+    # the shipped configuration is the card's (train_chain_arith.RECOMMENDED): gen 256, the lossless early stop
+    assert (shipped.max_new_tokens, shipped.eos_early_stop) == (256, True)
+    assert shipped.block_length == SHIPPED_BLOCK[family] and shipped.threshold == 0.9
     vanilla = benchmark.solve(model, tokenizer, PROBLEMS, 256, 8, {**benchmark.BASE_CONFIG, "steps": 256,
                                                                    "block_length": 32, "eos_early_stop": True})
     fast = benchmark.solve(model, tokenizer, PROBLEMS, 256, 8, {})  # the shipped generation_config.json
@@ -194,3 +196,21 @@ def test_every_named_configuration_decodes(tokenizer, name):
     result = benchmark.solve(model, tokenizer, PROBLEMS[:2], 64, 2, settings, guide=guide)
     assert len(result.completions) == 2 and all(c.strip() for c in result.completions)
     assert all(call["nfe"] >= 1 and min(call["tokens"]) >= 1 for call in result.calls)
+
+
+def test_commit_order_classes_and_report(capsys):
+    """examples/commit_order_errors.py: frontier / parallel / ahead from commit steps, and a report on real decodes
+    whose token counts cover every scored position."""
+    import sys
+
+    sys.path.insert(0, str(CARDS.parent / "examples"))
+    import commit_order_errors as order
+
+    steps = torch.tensor([[0, 1, 1, 3, 2, 4]])  # position 4 is committed before position 3, on its left
+    assert order.commit_classes(steps).tolist() == [[0, 0, 1, 0, 2, 0]]
+    order.main([str(DREAM), "--problems", "4", "--gen-length", "64", "--batch-size", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("/4 solved") and [line.split(" |")[0] for line in lines[3:]] == [
+        "| frontier", "| parallel", "| ahead"]
+    solved = int(lines[0].rsplit(" ", 2)[1].split("/")[0])
+    assert 4 - solved == sum(int(line.split("|")[5]) for line in lines[3:])  # each wrong answer counted once

@@ -37,7 +37,8 @@ def test_chain_arith_task_reproduces_the_benchmark_accuracy():
     model = AutoModelForCausalLM.from_pretrained(DREAM)
     tokenizer = AutoTokenizer.from_pretrained(DREAM, padding_side="left")
     shipped = {k: v for k, v in model.generation_config.to_diff_dict().items()
-               if k in ("alg", "schedule", "steps", "block_length", "eos_early_stop", "temperature")}
+               if k in ("alg", "schedule", "steps", "block_length", "eos_early_stop", "temperature", "threshold",
+                        "cache_implementation")}
     expected = solve(model, tokenizer, list(dev_split(limit)), 256, 4, shipped)
     assert accuracy == chain_arith_accuracy(expected.completions, list(dev_split(limit)))
 

@@ -80,8 +80,9 @@ RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_i
 # Every diffusion configuration starts from this base (None = the model family's default, e.g. Dream's entropy).
 # Vanilla is one token per step for every family, so the schedule is "linear": Dream's reference "eps" schedule
 # commits no token at a block's first step and two at its last (pass `NAME:schedule=eps` to measure it).
-BASE_CONFIG = {"alg": None, "schedule": "linear", "threshold": None, "factor": None, "eos_early_stop": False,
-               "temperature": 0.0}
+# cache_implementation None: no cache, whatever the model's generation_config.json ships.
+BASE_CONFIG = {"alg": None, "schedule": "linear", "threshold": None, "factor": None, "cache_implementation": None,
+               "eos_early_stop": False, "temperature": 0.0}
 
 
 @dataclass
