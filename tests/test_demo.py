@@ -209,6 +209,7 @@ def test_a_person_asks_a_question_in_the_browser(server, browser, session, tmp_p
     from selenium.webdriver.common.by import By
 
     open_page(browser, server)
+    choose(browser, "block-length", "32")  # the page starts from the shipped generation_config (block 8)
     set_number(browser, "threshold", 0.9)
     choose(browser, "cache", "dual")
     set_number(browser, "replay-ms", 40)
@@ -242,7 +243,10 @@ def test_concurrent_users_see_only_their_own_canvas(server, browser, session):
             browser.switch_to.new_window("tab")
         open_page(browser, server)
         browser.find_element(By.CSS_SELECTOR, "#compare input").click()  # one canvas each
-        set_number(browser, "replay-ms", 100)
+        choose(browser, "block-length", "32")  # Settings(): one token per step, block 32, no cache
+        set_number(browser, "threshold", 0)
+        choose(browser, "cache", "none")
+        set_number(browser, "replay-ms", 300)  # the first replay outlasts the second page load
         ask(browser, question)
     second = browser.current_window_handle
     browser.switch_to.window(first)  # the first request was still decoding when the second one started

@@ -302,7 +302,7 @@ def build_demo(session: DemoSession):
                                        interactive=session.guide is not None, elem_id="guidance")
                 compare = gr.Checkbox(value=True, label="compare with vanilla (one token per step)",
                                       elem_id="compare")
-                replay_ms = gr.Slider(0, 200, value=25, step=5, label="replay: ms per step (display only)",
+                replay_ms = gr.Slider(0, 500, value=25, step=5, label="replay: ms per step (display only)",
                                       elem_id="replay-ms")
         canvas = gr.HTML(render_canvas(None, session.tokenizer, session.mask_token_id, "this configuration"),
                          elem_id="canvas")
