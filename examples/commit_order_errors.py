@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dlm_generation  # noqa: F401  (registers the model types)
-from dlm_generation.benchmark import BASE_CONFIG, generated_lengths, prompt_batches
+from dlm_generation.benchmark import BASE_CONFIG, generated_lengths, prompt_batches, reference_tokens
 from dlm_generation.tasks import dev_split, is_correct
 
 CLASSES = ("frontier", "parallel", "ahead")
@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                                            max_new_tokens=args.gen_length, return_dict_in_generate=True,
                                            output_confidences=True, output_commit_steps=True, **settings)
         generated = out.sequences[:, inputs.input_ids.shape[1]:]
-        reference = torch.full_like(generated, tokenizer.eos_token_id)
-        for row, problem in enumerate(chunk):
-            ids = tokenizer(problem.completion, add_special_tokens=False).input_ids[: args.gen_length]
-            reference[row, : len(ids)] = torch.tensor(ids)
+        reference = reference_tokens(tokenizer, chunk, generated)
         classes = commit_classes(out.commit_steps)
         lengths = generated_lengths(generated, tokenizer.eos_token_id)
         for row, problem in enumerate(chunk):

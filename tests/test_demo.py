@@ -209,7 +209,7 @@ def test_a_person_asks_a_question_in_the_browser(server, browser, session, tmp_p
     from selenium.webdriver.common.by import By
 
     open_page(browser, server)
-    choose(browser, "block-length", "32")  # the page starts from the shipped generation_config (block 8)
+    choose(browser, "block-length", "32")  # the page starts from the shipped generation_config; be explicit
     set_number(browser, "threshold", 0.9)
     choose(browser, "cache", "dual")
     set_number(browser, "replay-ms", 40)

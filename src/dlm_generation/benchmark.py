@@ -267,6 +267,15 @@ def solve(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, 
     return Pass(completions, calls, seconds)
 
 
+def reference_tokens(tokenizer, problems: list[ChainArithProblem], generated: torch.Tensor) -> torch.Tensor:
+    """Per row of `generated`, its problem's tokenized completion then EOS padding, cut to the canvas length."""
+    reference = torch.full_like(generated, tokenizer.eos_token_id)
+    for row, problem in enumerate(problems):
+        ids = tokenizer(problem.completion, add_special_tokens=False).input_ids[: generated.shape[1]]
+        reference[row, : len(ids)] = torch.tensor(ids)
+    return reference
+
+
 def calibration(model, tokenizer, problems: list[ChainArithProblem], gen_length: int, batch_size: int,
                 settings: dict, bins: int = 10) -> dict:
     """How well the confidences of committed tokens predict that they are right (a reliability diagram).
@@ -284,10 +293,7 @@ def calibration(model, tokenizer, problems: list[ChainArithProblem], gen_length:
                                        max_new_tokens=gen_length, return_dict_in_generate=True,
                                        output_confidences=True, **settings)
         generated = out.sequences[:, inputs.input_ids.shape[1]:].cpu()
-        reference = torch.full_like(generated, tokenizer.eos_token_id)
-        for row, problem in enumerate(chunk):
-            ids = tokenizer(problem.completion, add_special_tokens=False).input_ids[:gen_length]
-            reference[row, : len(ids)] = torch.tensor(ids)
+        reference = reference_tokens(tokenizer, chunk, generated)
         lengths = generated_lengths(generated, tokenizer.eos_token_id)
         scored = (torch.arange(gen_length)[None] < lengths[:, None]) & ~out.confidences.cpu().isnan()
         confidence_all.append(out.confidences.cpu()[scored])
