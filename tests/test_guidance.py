@@ -311,6 +311,31 @@ def test_guidance_refuses_threshold_from_the_call(tokenizer, guide, dllm):
                                 alg="low_confidence")
 
 
+def test_guidance_drops_what_it_replaces_when_only_the_models_config_sets_it(tokenizer, guide, dllm):
+    """A model that ships a threshold (or sampling) configuration still runs guided: the inherited threshold, factor,
+    temperature and alg='confidence_threshold' give way to the guide, and the output is the guided output without
+    them. Passed explicitly they still raise (test above)."""
+    inputs = prompts(tokenizer, PROBLEMS[:2])
+    plain = dllm.diffusion_generate(**inputs, assistant_model=guide, cache_implementation="dual")
+    shipped = dllm.generation_config
+    try:
+        for fields in ({"alg": "low_confidence", "threshold": 0.9}, {"alg": "low_confidence", "factor": 1.0},
+                       {"alg": "confidence_threshold"},
+                       {"do_sample": True, "temperature": 0.7}):
+            dllm.generation_config = DiffusionGenerationConfig(**{**shipped.to_diff_dict(), "threshold": None,
+                                                                  **fields, "cache_implementation": "dual"})
+            assert torch.equal(dllm.diffusion_generate(**inputs, assistant_model=guide), plain), fields
+            by_config = DiffusionGenerationConfig(guidance={"strategy": "deterministic"})
+            assert torch.equal(dllm.diffusion_generate(**inputs, assistant_model=guide, generation_config=by_config),
+                               plain), fields
+            if "threshold" in fields or "factor" in fields:  # without a guide the inherited policy still applies
+                one_per_step = dllm.diffusion_generate(**inputs, alg="low_confidence", threshold=None, factor=None,
+                                                       return_dict_in_generate=True).nfe
+                assert dllm.diffusion_generate(**inputs, return_dict_in_generate=True).nfe < one_per_step
+    finally:
+        dllm.generation_config = shipped
+
+
 # ---------------------------------------------------------------------------------------------------- vocabulary
 def test_vocabulary_check_allows_the_dllms_extra_special_tokens(tokenizer):
     dllm_tokenizer = AutoTokenizer.from_pretrained(CARDS / "tiny-chain-arith-tokenizer")

@@ -372,6 +372,10 @@ def check_no_unknown_fields(unknown: dict[str, Any], where: str) -> None:
         )
 
 
+# What AR guidance replaces: dropped when inherited from the model's generation_config by a call that asks for guidance.
+GUIDANCE_REPLACES = ("threshold", "factor", "temperature", "do_sample")
+
+
 def guidance_conflicts(config) -> list[str]:
     """What an AR-guided config sets that guidance replaces (the guide decides what to commit and drafts at its own
     temperature)."""

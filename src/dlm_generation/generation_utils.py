@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from .configuration_diffusion import (
     DEFAULT_CONFIDENCE_THRESHOLD,
     DEFAULT_MAX_NEW_TOKENS,
+    GUIDANCE_REPLACES,
     LIBRARY_DEFAULTS,
     DiffusionGenerationConfig,
     check_no_unknown_fields,
@@ -146,7 +147,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         attention_mask = kwargs.pop("attention_mask", None)
         tokenizer = kwargs.pop("tokenizer", None)
         assistant_tokenizer = kwargs.pop("assistant_tokenizer", None)
-        config = self._prepare_generation_config(generation_config, kwargs)
+        config = self._prepare_generation_config(generation_config, kwargs, guided=assistant_model is not None)
         input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, config)
         given_prompt, input_ids = input_ids, self._unmask_padding(input_ids, attention_mask, config)
         batch, prompt_len = input_ids.shape
@@ -327,8 +328,16 @@ class DiffusionGenerationMixin(GenerationMixin):
         )
 
     # ------------------------------------------------------------------------------------------ 1. config
-    def _prepare_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> DiffusionGenerationConfig:
-        """Apply the precedence rule once; return a validated, fully resolved config. Consumes `kwargs`."""
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict,
+                                   guided: bool = False) -> DiffusionGenerationConfig:
+        """Apply the precedence rule once; return a validated, fully resolved config. Consumes `kwargs`.
+
+        When this call asks for AR guidance (`guidance=` in the call or in the passed config, or `guided`: an
+        `assistant_model` was passed), the settings guidance replaces (`threshold`, `factor`, a sampling
+        `temperature`, `alg='confidence_threshold'`) are dropped if they come only from the model's own
+        generation_config or the family defaults: a model that ships a fast threshold configuration still runs
+        guided. Set explicitly in the call or the passed config, they raise as before.
+        """
         check_known_kwargs(kwargs, MODEL_INPUT_NAMES)
         for source, where in ((self.generation_config, "The model's generation_config"),
                               (generation_config, "The generation_config passed to this call")):
@@ -348,6 +357,13 @@ class DiffusionGenerationMixin(GenerationMixin):
         resolved = dict(LIBRARY_DEFAULTS)
         for layer in layers:
             resolved.update({k: v for k, v in layer.items() if v is not None})
+        if guided or call_kwargs.get("guidance") is not None or layers[2].get("guidance") is not None:
+            explicit = {k for k, v in call_kwargs.items() if v is not None} | set(layers[2])
+            for name in GUIDANCE_REPLACES:
+                if name not in explicit:
+                    resolved[name] = LIBRARY_DEFAULTS[name]
+            if resolved["alg"] == "confidence_threshold" and "alg" not in explicit:
+                resolved["alg"] = LIBRARY_DEFAULTS["alg"]
         # Explicit call kwargs win even when None (Dream's call style passes top_p=None, alg_temp=None, ...):
         # None then means "back to the default", the family's if it has one, else the library's.
         defaults = {**LIBRARY_DEFAULTS, **self.diffusion_generation_defaults}
