@@ -3,8 +3,8 @@
     python examples/quickstart.py
 
 Asks chain-arith questions through the tokenizer's chat template, decodes them once one token per step
-at block 32 (vanilla) and once with the model's shipped generation_config.json (the same with the
-lossless early stop), and checks each final answer.
+at block 32 (vanilla) and once with the model's shipped generation_config.json (its fastest configuration within
+a point of vanilla accuracy: threshold 0.9 with the dual KV cache at block 8), and checks each final answer.
 """
 
 from pathlib import Path

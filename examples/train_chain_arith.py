@@ -304,10 +304,12 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
 # yet because AR guidance refuses a threshold inherited from the model's config (issue 8 follow-up).
 RECOMMENDED = {
     "ar": {"max_new_tokens": 64, "do_sample": False},
-    "llada": {"max_new_tokens": 256, "steps": 256, "block_length": 32, "alg": "low_confidence", "eos_early_stop": True,
-              "temperature": 0.0},
-    "dream": {"max_new_tokens": 256, "steps": 256, "block_length": 32, "alg": "entropy", "eos_early_stop": True,
-              "temperature": 0.0, "schedule": "linear"},
+    # the fastest configuration within a point of vanilla (one token per step, block 32) on the dev split: Fast-dLLM's
+    # threshold 0.9 with the dual KV cache at block 8 (LLaDA 95.0% vs 93.5%, Dream 92.5% vs 90.5%; 200 problems)
+    "llada": {"max_new_tokens": 256, "steps": 256, "block_length": 8, "alg": "low_confidence", "threshold": 0.9,
+              "cache_implementation": "dual", "eos_early_stop": True, "temperature": 0.0},
+    "dream": {"max_new_tokens": 256, "steps": 256, "block_length": 8, "alg": "low_confidence", "threshold": 0.9,
+              "cache_implementation": "dual", "eos_early_stop": True, "temperature": 0.0, "schedule": "linear"},
 }
 
 

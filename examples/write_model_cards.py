@@ -276,7 +276,7 @@ enough that accuracy/speed trade-offs of decoding methods are real.
 The tokenizer (also in `model_cards/tiny-chain-arith-tokenizer`) is a byte-level BPE trained on chain-arith text
 with every digit its own token; `<|pad|>` 0, `<|startoftext|>` 1 (BOS, added by the tokenizer),
 `<|endoftext|>` 2 (EOS), `<|mdm_mask|>` 3. Its chat template turns a user question into the task prompt.
-{"" if is_ar else "`generation_config.json` holds one token per step at block 32 with the lossless early stop; threshold 0.9 with the dual cache at block 8 is faster within a point of it (see Accuracy)."}
+{"" if is_ar else "`generation_config.json` holds the fastest configuration within one point of vanilla accuracy: threshold 0.9 with the dual KV cache at block 8 and the lossless early stop (see Accuracy)."}
 
 ## Training
 

@@ -115,7 +115,8 @@ def test_the_installed_command_prints_help():
 
 def test_trace_shows_when_each_token_was_committed(capsys):
     assert cli.main([DREAM, "--prompt", PROBLEMS[0].question, "--threshold", "0.9", "--alg", "maskgit_plus",
-                     "--max-new-tokens", "64", "--trace"]) == 0
+                     "--max-new-tokens", "64", "--block-length", "32", "--cache-implementation", "null",
+                     "--trace"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     completion, tokens, steps, stats = lines  # stdout is not a terminal: step numbers under the tokens
     assert "####" in completion and stats.startswith("[NFE ")

@@ -19,7 +19,8 @@ from dlm_generation.training import masked_diffusion_loss
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 LLADA = CARDS / "tiny-llada-chain-arith"
 PROBLEMS = dev_split()[:4]
-SETTINGS = dict(max_new_tokens=64, steps=64, block_length=32, eos_early_stop=True, threshold=None)
+SETTINGS = dict(max_new_tokens=64, steps=64, block_length=32, eos_early_stop=True, threshold=None,
+                cache_implementation=None)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,8 @@ def test_merged_and_reloaded_adapters_give_the_same_tokens(trained, inputs):
 def test_cli_applies_the_adapter(trained, inputs, tokenizer, capsys):
     model, folder, _ = trained
     argv = [str(LLADA), "--raw", "--prompt", PROBLEMS[0].prompt, "--max-new-tokens", "64", "--steps", "64",
-            "--block-length", "32", "--eos-early-stop", "--json"]
+            "--block-length", "32", "--eos-early-stop", "--threshold", "null", "--cache-implementation", "null",
+            "--json"]
     assert cli.main([*argv, "--peft", str(folder)]) == 0
     with_adapter = json.loads(capsys.readouterr().out)["results"][0]["completions"][0]
     single = tokenizer([PROBLEMS[0].prompt], return_tensors="pt")

@@ -45,8 +45,9 @@ def inputs(tokenizer):
 
 
 def generate(model, inputs, **kwargs):
-    return model.diffusion_generate(**inputs, max_new_tokens=64, block_length=32, return_dict_in_generate=True,
-                                    **kwargs)
+    # one token per step at block 32 unless the test says otherwise (not the shipped threshold + dual cache)
+    settings = {**dict(max_new_tokens=64, block_length=32, threshold=None, cache_implementation=None), **kwargs}
+    return model.diffusion_generate(**inputs, return_dict_in_generate=True, **settings)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
