@@ -19,9 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
 # The benchmark reports (python -m dlm_generation.benchmark ... --json); the AR baseline rows come from LLaDA's.
 BENCHMARKS = ROOT / "benchmarks"
-# The diffusion models' speed tables were measured on their previous weights and are not rerun yet for the current
-# ones (same architecture, so the same cost per forward; NFE and accuracy differ): their cards point to the README.
-REPORTS = {"llada": [], "dream": [], "ar": ["llada_cpu_256.json"]}
+REPORTS = {"llada": ["llada_cpu_256_v2.json"], "dream": ["dream_cpu_256_v2.json"], "ar": ["llada_cpu_256_v2.json"]}
 
 DECODE_STATES = (
     "the masked-diffusion loss on the states that semi-autoregressive decoding visits: each completion is padded "
@@ -85,11 +83,14 @@ def ar_dev_accuracy(folder: Path) -> float:
 def lineage_minutes(log: dict, name: str) -> dict[str, float]:
     """Training minutes of every model a run's weights came from, nearest first (from the logs recorded at export;
     an earlier version of the same card is named as such)."""
-    minutes, source = {}, log.get("initialised_from")
+    minutes, source, seen = {}, log.get("initialised_from"), {}
     while source:
-        label = source["model"] if source["model"] != name else f"an earlier {name}"
-        while label in minutes:
-            label += " (earlier)"
+        model = source["model"]
+        seen[model] = seen.get(model, 0) + 1
+        if model == name:
+            label = f"an earlier {name}" if seen[model] == 1 else f"an earlier {name} ({seen[model]})"
+        else:
+            label = model if seen[model] == 1 else f"{model} (earlier version {seen[model] - 1})"
         minutes[label] = source["train_seconds"] / 60
         source = source.get("initialised_from")
     return minutes
@@ -346,7 +347,7 @@ architecture, so the same cost per forward; forwards per call and accuracy diffe
         if rows:
             text += f"""
 Chain-arith dev, first {rows[0]["problems"]} problems, generation length {rows[0]["gen_length"]}, batch
-{rows[0]["batch_size"]}.
+{" and ".join(str(b) for b in dict.fromkeys(r["batch_size"] for r in rows))}.
 Measured with `{report.get("command", "python -m dlm_generation.benchmark")}` ({report["device"]}, {report["dtype"]},
 {report["machine"]["threads"]} threads; speedups are wall-time ratios to vanilla diffusion decoding of the
 benchmark's diffusion model in the same run, median of {report["repeats"]}):
