@@ -25,13 +25,14 @@ problems = [
 chats = [[{"role": "user", "content": p.question}] for p in problems]
 inputs = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
                                        return_dict=True)
+base = dict(max_new_tokens=256, block_length=32, cache_implementation=None, eos_early_stop=True)  # not the shipped
 for name, settings in {
-    "vanilla, one token per step": dict(eos_early_stop=True),
-    "threshold 0.9": dict(alg="maskgit_plus", threshold=0.9, eos_early_stop=True),
+    "vanilla, one token per step": dict(alg="entropy", threshold=None),
+    "threshold 0.9": dict(alg="maskgit_plus", threshold=0.9),
     "guided by the AR model": dict(assistant_model=guide, guidance={"strategy": "deterministic"},
                                    block_length=None),
 }.items():
-    out = model.diffusion_generate(**inputs, max_new_tokens=256, return_dict_in_generate=True, **settings)
+    out = model.diffusion_generate(**inputs, return_dict_in_generate=True, **{**base, **settings})
     completions = tokenizer.batch_decode(out.sequences[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     guide_forwards = "" if out.assistant_forwards is None else f" + {out.assistant_forwards} guide forwards"
     print(f"\n{name}: {out.nfe} diffusion forwards{guide_forwards}")
