@@ -376,5 +376,7 @@ def test_the_guided_example_runs_as_the_readme_shows():
     script = Path(__file__).resolve().parents[1] / "examples" / "guided_generation.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True)
     guided = result.stdout.split("guided by the AR model:")[1]
+    vanilla = int(re.search(r"vanilla, one token per step: (\d+) diffusion forwards", result.stdout).group(1))
+    assert vanilla % 32 == 0 and vanilla >= 64  # one token per step, whole blocks of 32 (not the shipped config)
     assert re.match(r" \d+ diffusion forwards \+ \d+ guide forwards", guided)
     assert guided.count("[correct]") == 2
