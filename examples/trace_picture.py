@@ -30,10 +30,12 @@ problems = [
 ]
 inputs = tokenizer.apply_chat_template([[{"role": "user", "content": p.question}] for p in problems],
                                        add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
-# Dream scores by entropy by default; a threshold compares probabilities, so those rows use maskgit_plus.
+# Block 32 and no cache unless the row says so (the shipped generation_config.json holds threshold 0.9 + the dual
+# cache at block 8). alg=None is the family's scorer (Dream: entropy); a threshold compares probabilities, so those
+# rows use maskgit_plus.
 configurations = {
-    "vanilla (one token per step)": dict(threshold=None),
-    "threshold 0.9": dict(threshold=0.9, alg="maskgit_plus"),
+    "vanilla (one token per step)": dict(threshold=None, alg=None, cache_implementation=None),
+    "threshold 0.9": dict(threshold=0.9, alg="maskgit_plus", cache_implementation=None),
     "dual cache + threshold 0.9": dict(threshold=0.9, alg="maskgit_plus", cache_implementation="dual"),
 }
 outputs = {}
