@@ -350,7 +350,7 @@ Chain-arith dev, first {rows[0]["problems"]} problems, generation length {rows[0
 {" and ".join(str(b) for b in dict.fromkeys(r["batch_size"] for r in rows))}.
 Measured with `{report.get("command", "python -m dlm_generation.benchmark")}` ({report["device"]}, {report["dtype"]},
 {report["machine"]["threads"]} threads; speedups are wall-time ratios to vanilla diffusion decoding of the
-benchmark's diffusion model in the same run, median of {report["repeats"]}):
+benchmark's diffusion model in the same run, median of {report["repeats"]}{"" if is_ar else "; every row at block " + str(report["block_length"]) + " except `model-default`, the shipped generation_config.json"}):
 
 {benchmark_table(rows)}
 """
