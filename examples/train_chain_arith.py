@@ -299,9 +299,8 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# The shipped generation_config.json: one token per step at block 32 with the lossless early stop. Threshold 0.9 +
-# the dual cache at block 8 is faster and within a point of it (README "The chain-arith models"); it is not shipped
-# yet because AR guidance refuses a threshold inherited from the model's config (issue 8 follow-up).
+# The shipped generation_config.json of each model (README "The chain-arith models"); a guidance= call drops the
+# inherited threshold.
 RECOMMENDED = {
     "ar": {"max_new_tokens": 64, "do_sample": False},
     # the fastest configuration within a point of vanilla (one token per step, block 32) on the dev split: Fast-dLLM's
