@@ -148,7 +148,8 @@ class DiffusionGenerationConfig(GenerationConfig):
       `verify_chunk` (32), `draft_temperature` (0.0 = argmax drafts) and `assistant_model_id` (the guide loaded
       when none is passed). It replaces the commit policy (so no threshold / factor; the scorer `alg` and
       `alg_temp` go unused), draws drafts at `draft_temperature` (leave `temperature` at 0) and implies
-      `eos_early_stop`. See `diffusion_guidance.py`.
+      `eos_early_stop`. A guided call drops those settings when it inherits them from the model's
+      generation_config; passed with the guidance, they raise. See `diffusion_guidance.py`.
     - `output_history` (bool): return the canvas after every step as `history`.
     - `output_confidences` (bool): return, per generated position, the confidence it was committed with as
       `confidences` (see `DiffusionGenerateOutput`).

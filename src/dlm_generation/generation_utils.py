@@ -97,7 +97,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         """Fill `max_new_tokens` masked positions after the prompt by iterative unmasking.
 
         1. Resolve the config: call kwargs > `generation_config` > `model.generation_config` > family defaults >
-           library defaults; validate it; unknown kwargs raise.
+           library defaults (a guided call drops the threshold / factor / temperature it would only inherit);
+           validate it; unknown kwargs raise.
         2. Build the canvas: prompt followed by `max_new_tokens` mask ids, padding mask and position ids.
         3. Turn strings into objects: schedule, commit policy, cache, logits processors, stopping criteria.
         4. For each block, until it has no eligible masks (masks before the block end, in unfinished rows):
