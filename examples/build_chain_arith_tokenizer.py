@@ -3,8 +3,10 @@
 A byte-level BPE trained with `tokenizers` on chain-arith text (train stream only). Digits are split off one by
 one before BPE, so every digit is its own token; the full byte alphabet is kept, so any text still encodes.
 Special tokens sit at fixed ids: `<|pad|>` 0, `<|startoftext|>` 1 (BOS, prepended by the tokenizer),
-`<|endoftext|>` 2 (EOS), `<|mdm_mask|>` 3 (the diffusion mask). The chat template turns a user question into
-the task prompt (`...\\nAnswer:`), so chat-style and raw prompts give the same ids.
+`<|endoftext|>` 2 (EOS), `<|mdm_mask|>` 3 (the diffusion mask). The chat template turns a user message into
+the training prompt: a bare question ("Start with 12. Add 30.") gains the `Question: ` prefix and the closing
+` What is the result?`, a message already in that form is kept, and `\\nAnswer:` follows, so chat-style and raw
+prompts give the same ids.
 
     python examples/build_chain_arith_tokenizer.py        # rewrites model_cards/tiny-chain-arith-tokenizer
 """
@@ -24,7 +26,11 @@ SPECIAL_TOKENS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"]
 VOCAB_SIZE = 320  # 4 special + 256 bytes + merges (BPE stops early when the corpus has no more pairs)
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ message['content'] | trim }}"
+    "{% if message['role'] == 'user' %}"
+    "{% set question = message['content'] | trim %}"
+    "{% if not question.startswith('Question:') %}{% set question = 'Question: ' + question %}{% endif %}"
+    "{% if not question.endswith('?') %}{% set question = question + ' What is the result?' %}{% endif %}"
+    "{{ question }}"
     "{% elif message['role'] == 'assistant' %}{{ '\\n' }}Answer: {{ message['content'] | trim }}{{ eos_token }}"
     "{% else %}{{ raise_exception('chain-arith chats have only user and assistant messages, got role '"
     " + message['role']) }}{% endif %}{% endfor %}"
