@@ -3,13 +3,12 @@ decoding end to end on the shipped chain-arith models with `tiny-ar-chain-arith`
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoTokenizer, Qwen2Config
 
 import dlm_generation  # noqa: F401  (registers the model types)
 from dlm_generation import DiffusionGenerationConfig
@@ -193,18 +192,18 @@ def test_each_row_accepts_its_own_prefix():
 
 # ---------------------------------------------------------------------------------------------------- real models
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(CARDS / "tiny-chain-arith-tokenizer", padding_side="left")
+def tokenizer(chain_arith_tokenizer):
+    return chain_arith_tokenizer  # the session's shared models (conftest): tests here must not modify them
 
 
 @pytest.fixture(scope="module")
-def guide():
-    return AutoModelForCausalLM.from_pretrained(CARDS / "tiny-ar-chain-arith").eval()
+def guide(ar_chain_arith):
+    return ar_chain_arith
 
 
 @pytest.fixture(scope="module", params=["dream", "llada"])
 def dllm(request):
-    return AutoModelForCausalLM.from_pretrained(CARDS / f"tiny-{request.param}-chain-arith").eval()
+    return request.getfixturevalue(f"{request.param}_chain_arith")
 
 
 PROBLEMS = dev_split()[:8]
@@ -240,13 +239,14 @@ def test_the_guide_cache_after_partial_acceptance_equals_a_fresh_forward(tokeniz
     end = int(first_mask.max())
     positions = ar_guide.position_ids
     cached = guide(input_ids=canvas[:, keep:end], attention_mask=padding[:, :end], position_ids=positions[:, keep:end],
-                   past_key_values=ar_guide.cache).logits
+                   **{ar_guide.cache_argument: ar_guide.cache}).logits
     fresh = guide(input_ids=canvas[:, :end], attention_mask=padding[:, :end], position_ids=positions[:, :end]).logits
     for row in range(2):
         last = int(first_mask[row]) - 1  # the logits that verify the row's next proposal
         torch.testing.assert_close(cached[row, last - keep], fresh[row, last], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [None, "dual", "freecache"])
 def test_speculative_output_equals_the_guides_greedy_output(tokenizer, guide, dllm, cache):
     inputs = prompts(tokenizer, PROBLEMS[:4])  # left-padded batch
@@ -259,6 +259,7 @@ def test_speculative_output_equals_the_guides_greedy_output(tokenizer, guide, dl
     assert MASK not in got.tolist()
 
 
+@pytest.mark.slow
 def test_guided_rows_equal_their_solo_runs(tokenizer, guide, dllm):
     inputs = prompts(tokenizer, PROBLEMS[:4])
     prompt_len = inputs.input_ids.shape[1]
@@ -269,6 +270,7 @@ def test_guided_rows_equal_their_solo_runs(tokenizer, guide, dllm):
         assert up_to_eos(batched[row]) == up_to_eos(solo[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance, cache", [
     ({"strategy": "deterministic"}, None),
     ({"strategy": "topk_relative"}, "prefix"),
@@ -287,6 +289,7 @@ def test_guided_decoding_solves_problems_in_few_forwards(tokenizer, guide, dllm,
     assert MASK not in out.sequences.tolist()
 
 
+@pytest.mark.slow
 def test_the_guide_is_loaded_from_assistant_model_id(tokenizer, guide, dllm, monkeypatch):
     inputs = prompts(tokenizer, PROBLEMS[:2])
     passed = dllm.diffusion_generate(**inputs, assistant_model=guide)
@@ -311,6 +314,7 @@ def test_guidance_refuses_threshold_from_the_call(tokenizer, guide, dllm):
                                 alg="low_confidence")
 
 
+@pytest.mark.slow
 def test_guidance_drops_what_it_replaces_when_only_the_models_config_sets_it(tokenizer, guide, dllm):
     """A model that ships a threshold (or sampling) configuration still runs guided: the inherited threshold, factor,
     temperature and alg='confidence_threshold' give way to the guide, and the output is the guided output without
@@ -367,16 +371,3 @@ def test_hidden_ids_are_not_attended_by_the_guide(tokenizer, guide):
     ar_guide = ARGuide(guide, dict(GUIDANCE_DEFAULTS), canvas, None, MASK, torch.tensor([EOS]), [310])
     assert ar_guide.attention_mask.tolist() == [[1, 0, 1, 1, 1]]
     assert ar_guide.position_ids.tolist() == [[0, 0, 1, 2, 3]]
-
-
-def test_the_guided_example_runs_as_the_readme_shows():
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[1] / "examples" / "guided_generation.py"
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True)
-    guided = result.stdout.split("guided by the AR model:")[1]
-    vanilla = int(re.search(r"vanilla, one token per step: (\d+) diffusion forwards", result.stdout).group(1))
-    assert vanilla % 32 == 0 and vanilla >= 64  # one token per step, whole blocks of 32 (not the shipped config)
-    assert re.match(r" \d+ diffusion forwards \+ \d+ guide forwards", guided)
-    assert guided.count("[correct]") == 2

@@ -26,7 +26,7 @@ class DreamConfig(PreTrainedConfig):
     """
 
     model_type = "Dream"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

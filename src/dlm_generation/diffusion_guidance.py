@@ -21,7 +21,7 @@ Strategies (the acceptance rule and what a rejection commits):
 A committed stop token ends its row (guidance implies `eos_early_stop`). Guided decoding commits left to right,
 so the canvas of a row is always prompt + committed tokens + masks.
 
-This file travels with saved models, so it imports only torch and transformers.
+This file travels with saved models, so it imports only torch, transformers and a sibling file.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import math
 from typing import Any
 
 import torch
+
+from .modeling_diffusion_utils import CACHE_FIELD
 
 GUIDANCE_STRATEGIES = ("deterministic", "topk_relative", "speculative")
 GUIDANCE_DEFAULTS: dict[str, Any] = {
@@ -118,6 +120,24 @@ def check_shared_vocabulary(dllm_tokenizer, guide_tokenizer) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ the guide
+def guide_cache_argument(model) -> str:
+    """The keyword under which the guide's `forward` takes its KV cache, so that calling it warns on no release.
+
+    transformers 5.24 renamed the argument from `past_key_values` to `cache` (the old name still works there but
+    raises a FutureWarning on every call). A forward that names either parameter gets that name; one that only takes
+    `**kwargs` (a wrapper such as a PEFT model) gets the installed transformers' name (`CACHE_FIELD`).
+    """
+    forward = model.forward
+    while hasattr(forward, "__wrapped__"):  # transformers' decorators (functools.wraps) keep the original here
+        forward = forward.__wrapped__
+    code = getattr(forward, "__code__", None)
+    named = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount] if code is not None else ()
+    for name in ("cache", "past_key_values"):
+        if name in named:
+            return name
+    return CACHE_FIELD
+
+
 class ARGuide:
     """The guide's side of one `diffusion_generate` call: its KV cache and the acceptance rule.
 
@@ -150,6 +170,7 @@ class ARGuide:
         self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp_min(0)
         self.filler = int(stop_ids[0]) if stop_ids.numel() else 0  # stands in for masks beyond a row's run
         self.cache = DynamicCache(config=model.config)
+        self.cache_argument = guide_cache_argument(model)  # `cache` or `past_key_values`, as the guide names it
         self.fed = torch.full_like(canvas, -1)  # the tokens the guide's cache was computed from, per position
         self.forwards = 0
 
@@ -236,7 +257,7 @@ class ARGuide:
             if end - 1 > fed:
                 out = self.model(
                     input_ids=draft[:, fed:end - 1], attention_mask=self.attention_mask[:, :end - 1],
-                    position_ids=self.position_ids[:, fed:end - 1], past_key_values=self.cache, use_cache=True,
+                    position_ids=self.position_ids[:, fed:end - 1], use_cache=True, **{self.cache_argument: self.cache},
                 )
                 self.forwards += 1
                 self.fed[:, fed:end - 1] = draft[:, fed:end - 1]

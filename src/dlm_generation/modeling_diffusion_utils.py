@@ -3,19 +3,48 @@
 This file travels with saved models (it is a single-dot sibling import of the modeling files), so it imports only
 torch, transformers and (lazily, for a Hub file list) huggingface_hub, which transformers requires. It holds what both
 architectures compute identically: RMSNorm in float32, rotary position embeddings, the bidirectional attention call
-with its one cache contact point, the conversion of a padding mask into an SDPA mask, and safetensors-only loading.
+with its one cache contact point, the conversion of a padding mask into an SDPA mask, safetensors-only loading, and
+the cache's name in forward arguments and outputs on every transformers 5.x release (see `CACHE_FIELD`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .diffusion_cache import DiffusionCache
+
+# transformers 5.24 renamed the cache of its model outputs and forward arguments from `past_key_values` to `cache`.
+# The old name still works there, but every use logs "`past_key_values`/`cache_params` are deprecated. Use `cache`
+# instead." (building an output, reading the attribute or key) or raises a FutureWarning (a forward argument).
+# The name the installed release expects, read once from its output class's fields (no version comparison):
+CACHE_FIELD = "cache" if any(field.name == "cache" for field in fields(CausalLMOutputWithPast)) else "past_key_values"
+
+
+def causal_lm_output(logits: torch.Tensor, cache: DiffusionCache | None) -> CausalLMOutputWithPast:
+    """The model output: `logits`, and the cache (when one was passed) under the installed transformers' field name,
+    so `output.cache` (transformers >= 5.24) or `output.past_key_values` (5.23) reads it without a warning."""
+    return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+
+
+def forward_cache(past_key_values: DiffusionCache | None, kwargs: dict, model_name: str) -> DiffusionCache | None:
+    """The diffusion cache a forward received as `past_key_values=` or as `cache=` (transformers' name from 5.24 on,
+    popped from `kwargs`); None when neither was given. Both at once is a `ValueError`."""
+    cache = kwargs.pop("cache", None)
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None:
+        raise ValueError(
+            f"{model_name}.forward got both past_key_values= and cache=; they name the same DiffusionCache "
+            "(cache= is transformers' name from 5.24 on), so pass only one of them."
+        )
+    return cache
 
 
 def _weight_files(names) -> tuple[list[str], bool]:

@@ -29,7 +29,9 @@ from .modeling_diffusion_utils import (
     SafetensorsOnlyMixin,
     DiffusionRotaryEmbedding,
     apply_rotary,
+    causal_lm_output,
     diffusion_attention,
+    forward_cache,
     gather_rotary,
     gather_rows,
     layer_inputs,
@@ -91,8 +93,9 @@ class DreamDecoderLayer(nn.Module):
         self.post_attention_layernorm = DiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states, rotary, attention_mask, past_key_values) -> torch.Tensor:
-        # The cache touches a layer at four points: which rows it recomputes (given their fresh values), the keys
-        # and values to attend to, and the attention / FFN outputs of the rows it does not recompute.
+        # The layer calls the cache's layer hooks (DiffusionCache): `recompute_rows` (which rows to recompute, given
+        # their fresh values), `update` (the keys and values to attend to), `observe_attention` (only for caches that
+        # ask for attention weights) and `reuse` (the attention and FFN outputs of the rows it does not recompute).
         layer = self.self_attn.layer_idx
         attn, rows = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, past_key_values)
         hidden_states = hidden_states + past_key_values.reuse(layer, "attention", attn)
@@ -178,9 +181,11 @@ class DreamModel(DreamPreTrainedModel, DiffusionGenerationMixin):
             input_ids: (batch, length) token ids, masked positions holding `config.mask_token_id`.
             attention_mask: (batch, key_length) 1 = real token, 0 = padding; or a 4-D boolean / additive mask.
             position_ids: (batch, length) RoPE positions; by default they skip left padding.
-            past_key_values: a `DiffusionCache` (the null cache when omitted).
+            past_key_values: a `DiffusionCache` (the null cache when omitted); `cache=` (transformers' name from
+                5.24 on) is accepted too.
             logits_to_keep: 0 = logits everywhere, n = the last n positions, a 1-D tensor = those positions.
         """
+        past_key_values = forward_cache(past_key_values, kwargs, "DreamModel")
         unexpected = {key for key, value in kwargs.items() if value is not None and key not in {"use_cache"}}
         if unexpected:
             raise TypeError(f"DreamModel.forward got unexpected arguments {sorted(unexpected)}.")
@@ -194,7 +199,7 @@ class DreamModel(DreamPreTrainedModel, DiffusionGenerationMixin):
         logits = self.lm_head(select_logit_positions(hidden_states, logits_to_keep))
         if return_dict is False:
             return (logits,)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        return causal_lm_output(logits, past_key_values)
 
 
 __all__ = ["DreamModel", "DreamBaseModel", "DreamPreTrainedModel"]

@@ -33,7 +33,9 @@ from .modeling_diffusion_utils import (
     SafetensorsOnlyMixin,
     DiffusionRotaryEmbedding,
     apply_rotary,
+    causal_lm_output,
     diffusion_attention,
+    forward_cache,
     gather_rotary,
     gather_rows,
     layer_inputs,
@@ -68,8 +70,9 @@ class LLaDALlamaBlock(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: DiffusionCache,
     ) -> torch.Tensor:
-        # The cache touches a layer at four points: which rows it recomputes (given their fresh values), the keys
-        # and values to attend to, and the attention / FFN outputs of the rows it does not recompute.
+        # The layer calls the cache's layer hooks (DiffusionCache): `recompute_rows` (which rows to recompute, given
+        # their fresh values), `update` (the keys and values to attend to), `observe_attention` (only for caches that
+        # ask for attention weights) and `reuse` (the attention and FFN outputs of the rows it does not recompute).
         batch, length, _ = hidden_states.shape
         h = self.attn_norm(hidden_states)
         # (batch, len, d_model) -> (batch, heads, len, head_dim)
@@ -175,9 +178,11 @@ class LLaDAModelLM(LLaDAPreTrainedModel, DiffusionGenerationMixin):
             input_ids: (batch, length) token ids, masked positions holding `config.mask_token_id`.
             attention_mask: (batch, key_length) 1 = real token, 0 = padding; or a 4-D boolean / additive mask.
             position_ids: (batch, length) RoPE positions; by default they skip left padding.
-            past_key_values: a `DiffusionCache` (the null cache when omitted).
+            past_key_values: a `DiffusionCache` (the null cache when omitted); `cache=` (transformers' name from
+                5.24 on) is accepted too.
             logits_to_keep: 0 = logits everywhere, n = the last n positions, a 1-D tensor = those positions.
         """
+        past_key_values = forward_cache(past_key_values, kwargs, "LLaDAModelLM")
         unexpected = {key for key, value in kwargs.items() if value is not None and key not in {"use_cache"}}
         if unexpected:
             raise TypeError(f"LLaDAModelLM.forward got unexpected arguments {sorted(unexpected)}.")
@@ -191,7 +196,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel, DiffusionGenerationMixin):
         )
         if return_dict is False:
             return (logits,)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        return causal_lm_output(logits, past_key_values)
 
 
 __all__ = ["LLaDAModelLM", "LLaDAModel", "LLaDAPreTrainedModel"]
