@@ -24,14 +24,17 @@ FOLDER = Path(__file__).resolve().parents[1] / "model_cards" / "tiny-llada-chain
 class RefreshingDualCache(DualCache):
     """The dual cache, but every `refresh_every`-th step of a block recomputes the whole canvas."""
 
-    def __init__(self, refresh_every: int):
-        super().__init__()
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every must be a positive integer, got {refresh_every}")
-        self.refresh_every = refresh_every
+    # Its settings: the base class fills in defaults, refuses unknown keys and runs the checks when it is built,
+    # e.g. RefreshingDualCache({"refresh_every": 2}).
+    cache_name = "refreshing_dual"  # the name its error messages use
+    cache_config_defaults = {"refresh_every": 4}
+    cache_config_checks = {
+        "refresh_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                          "a positive integer (the steps from one full refresh to the next)"),
+    }
 
     def plan_step(self, canvas, step):
-        if step % self.refresh_every == 0:  # a full forward: everything fresh again
+        if step % self.cache_config["refresh_every"] == 0:  # a full forward: everything fresh again
             self.current = CacheStep(0, self.canvas_length, self.canvas_length)
             return self.current
         return super().plan_step(canvas, step)
@@ -46,7 +49,7 @@ def main() -> None:
     common = dict(attention_mask=inputs.attention_mask, max_new_tokens=128, steps=128, block_length=32,
                   alg="low_confidence", threshold=0.9, eos_early_stop=True, return_dict_in_generate=True)
     runs = {"no cache": {}, "dual cache": {"cache_implementation": "dual"},
-            "dual, refresh every 4": {"past_key_values": RefreshingDualCache(refresh_every=4)}}
+            "dual, refresh every 4": {"past_key_values": RefreshingDualCache({"refresh_every": 4})}}
     for name, extra in runs.items():
         began = time.perf_counter()
         out = model.diffusion_generate(inputs.input_ids, **common, **extra)

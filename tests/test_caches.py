@@ -29,7 +29,7 @@ CACHE_CONFIGS = {"prefix": None, "dual": None, "freecache": {"window_left": 3, "
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
 def model(request):
-    return AutoModelForCausalLM.from_pretrained(CARDS / f"tiny-random-{request.param}")
+    return request.getfixturevalue(f"random_{request.param}")  # shared (conftest): tests must not modify it
 
 
 class Recording:
@@ -101,16 +101,16 @@ def test_cached_step_leaves_keys_outside_its_range_untouched(model, cls):
     block's first (full) step."""
     cache = cls()
     canvas = after_full_step(model, cache, (10, 18))
-    before = {layer: tensor.clone() for layer, tensor in cache.keys.items()}
+    before = {layer: tensor.clone() for layer, tensor in cache.kv.keys.items()}
     canvas[0, 12] = 7  # a commit in the block changes what the block computes
     _, plan = cached_forward(model, cache, canvas)
-    for layer, tensor in cache.keys.items():
+    for layer, tensor in cache.kv.keys.items():
         outside = torch.ones(26, dtype=torch.bool)
         outside[plan.query_start:plan.query_end] = False
         assert torch.equal(tensor[:, :, outside], before[layer][:, :, outside]), layer
         assert not torch.equal(tensor[:, :, 12], before[layer][:, :, 12]), layer  # refreshed where it changed
     cache.end_generation()
-    assert cache.keys == {} and cache.values == {}
+    assert cache.kv.keys == {} and cache.kv.values == {}
 
 
 @pytest.mark.parametrize("cls", [PrefixCache, DualCache])
@@ -138,8 +138,12 @@ POLICIES = {
 }
 
 
+FAST_POLICIES = {"steps", "threshold", "eos_early_stop"}  # with every cache in the fast tier; the rest: slow tier
+
+
 @pytest.mark.parametrize("cache", CACHES)
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", [p if p in FAST_POLICIES else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in POLICIES])
 def test_left_padded_batch_rows_equal_their_solo_runs(model, cache, policy):
     batch = torch.cat([PROMPT, torch.cat([torch.full((1, 3), EOS), SHORT], 1)])
     mask = torch.ones_like(batch)
@@ -197,7 +201,7 @@ def test_cache_memory_is_batch_canvas_layers_heads_dim_and_freed(model, cache):
     else:
         assert stored == {(2, kv_heads, 26, head_dim)}
     assert {layer for layer, _ in recording.stored} == set(range(layers))
-    assert recording.cache.keys == {} and recording.cache.values == {}  # released when the call returned
+    assert recording.cache.kv.keys == {} and recording.cache.kv.values == {}  # released when the call returned
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -250,11 +254,11 @@ def test_freecache_runs_a_window_around_the_frontier(model):
 
     def checking_update(key, value, layer_idx):
         step = recording.cache.current
-        before = recording.cache.keys.get(layer_idx)
+        before = recording.cache.kv.keys.get(layer_idx)
         before = None if before is None else before[:, :, : step.query_start].clone()
         out = update(key, value, layer_idx)
         if before is not None:
-            frozen_checks.append(torch.equal(recording.cache.keys[layer_idx][:, :, : step.query_start], before))
+            frozen_checks.append(torch.equal(recording.cache.kv.keys[layer_idx][:, :, : step.query_start], before))
         return out
 
     recording.cache.update = checking_update
@@ -281,13 +285,16 @@ def test_guide_example_cache_refreshing_every_step_equals_no_cache(model):
     spec.loader.exec_module(example)
     kwargs = dict(max_new_tokens=16, steps=16, block_length=8, return_dict_in_generate=True)
     plain = model.diffusion_generate(PROMPT, **kwargs)
-    every_step = model.diffusion_generate(PROMPT, past_key_values=example.RefreshingDualCache(1), **kwargs)
+    every_step = model.diffusion_generate(PROMPT, past_key_values=example.RefreshingDualCache({"refresh_every": 1}),
+                                          **kwargs)
     assert torch.equal(plain.sequences, every_step.sequences) and plain.nfe == every_step.nfe
-    recording = Recording(example.RefreshingDualCache(2))
+    recording = Recording(example.RefreshingDualCache({"refresh_every": 2}))
     model.diffusion_generate(PROMPT, past_key_values=recording.cache, **kwargs)
     assert all((plan.query_end - plan.query_start == 26) == (step % 2 == 0) for _, step, plan in recording.plans)
-    with pytest.raises(ValueError, match="refresh_every must be a positive integer, got 0"):
-        example.RefreshingDualCache(0)
+    assert example.RefreshingDualCache().cache_config == {"refresh_every": 4}
+    with pytest.raises(ValueError, match=r"cache_config refresh_every of the 'refreshing_dual' cache must be a positive "
+                                         r"integer \(the steps from one full refresh to the next\), got 0"):
+        example.RefreshingDualCache({"refresh_every": 0})
 
 
 @pytest.mark.parametrize("cls, config, message", [
@@ -299,6 +306,96 @@ def test_cache_instances_check_their_settings(cls, config, message):
     with pytest.raises(ValueError, match=message):
         cls(config)
     assert FreeCache().cache_config == {"window_left": 64, "window_right": None}  # the reference API's defaults
+
+
+class WindowedCache(FreeCache):
+    """A cache of one's own with settings: its own key with an alias and a check, on top of FreeCache's."""
+
+    cache_name = "windowed"
+    cache_config_defaults = {**FreeCache.cache_config_defaults, "stride": 2}
+    cache_config_aliases = {"step": "stride"}
+    cache_config_checks = {**FreeCache.cache_config_checks, "stride": (lambda v: v in (1, 2, 4), "1, 2 or 4")}
+
+
+def test_a_cache_declares_its_own_settings():
+    """The base class fills in a subclass's defaults, translates its aliases, refuses keys it does not declare (listing
+    those it does) and runs its checks, the inherited ones included."""
+    assert WindowedCache().cache_config == {"window_left": 64, "window_right": None, "stride": 2}
+    assert WindowedCache({"step": 4, "window_left": 8}).cache_config == {"window_left": 8, "window_right": None,
+                                                                       "stride": 4}
+    with pytest.raises(ValueError, match=r"cache_config key 'kp' is not a setting of the 'windowed' cache \(its keys: "
+                                         r"\['step', 'stride', 'window_left', 'window_right'\]\)"):
+        WindowedCache({"kp": 2})
+    with pytest.raises(ValueError, match=r"cache_config stride of the 'windowed' cache must be 1, 2 or 4, got 3"):
+        WindowedCache({"step": 3})
+    with pytest.raises(ValueError, match=r"window_left of the 'windowed' cache must be a non-negative integer, got -1"):
+        WindowedCache({"window_left": -1})
+    with pytest.raises(ValueError, match=r"cache_config of the 'windowed' cache must be a dict of its settings"):
+        WindowedCache("stride=2")
+    with pytest.raises(ValueError, match=r"cache_config key 'stride' is not a setting of the 'Nameless' cache"):
+        type("Nameless", (DiffusionCache,), {})({"stride": 2})  # no name, no settings: every key is refused
+    with pytest.raises(ValueError, match=r"cache_config key 'step' is not a setting of the 'freecache' cache"):
+        FreeCache({"step": 2})
+
+
+def test_the_registry_holds_every_built_in_cache_by_name(model, monkeypatch):
+    """`cache_implementation` names map to the classes that declare them, and diffusion_generate builds the cache
+    from the registry with its cache_config resolved exactly once (validation only checks it)."""
+    expected = {"prefix": PrefixCache, "dual": DualCache, "freecache": FreeCache, "dllm": dlm_generation.DLLMCache,
+                "d2cache": dlm_generation.D2Cache}
+    assert dlm_generation.DIFFUSION_CACHE_CLASSES == expected
+    assert all(cls.cache_name == name for name, cls in expected.items())
+    config = dlm_generation.DiffusionGenerationConfig(cache_implementation="dllm", cache_config={"rho": 0.5})
+    resolutions = []
+    resolve = dlm_generation.DLLMCache.resolve_cache_config
+
+    def counting(cls, cache_config):
+        resolutions.append(cache_config)
+        return resolve(cache_config)
+
+    monkeypatch.setattr(dlm_generation.DLLMCache, "resolve_cache_config", classmethod(counting))
+    cache = model._prepare_diffusion_cache(config, None)
+    assert type(cache) is dlm_generation.DLLMCache and resolutions == [{"rho": 0.5}]
+    assert cache.cache_config == {"kp": 50, "kr": 2, "rou": 0.5}
+
+
+def test_kv_store_scattered_write_leaves_unselected_rows_untouched():
+    """`LayerKVStore.write_rows` writes entry i of batch row b at position rows[b, i] where valid[b, i], and only there:
+    other positions, padding entries' targets and the other batch row keep their values; `write` with a row mask
+    and `read` up to key_end likewise."""
+    torch.manual_seed(0)
+    store = dlm_generation.LayerKVStore()
+    key, value = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 8, 4)
+    store.allocate(0, key, value, 10)
+    store.write(0, 0, torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4))
+    before_keys, before_values = store.keys[0].clone(), store.values[0].clone()
+    rows = torch.tensor([[2, 7, 0], [5, 1, 9]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])  # padding entries target 0, 1 and 9
+    fresh_keys, fresh_values = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)
+    store.write_rows(0, rows, valid, fresh_keys, fresh_values)
+    written = {(0, 2): (0, 0), (0, 7): (0, 1), (1, 5): (1, 0)}
+    for b in range(2):
+        for position in range(10):
+            if (b, position) in written:
+                row, i = written[b, position]
+                assert torch.equal(store.keys[0][b, :, position], fresh_keys[row, :, i])
+                assert torch.equal(store.values[0][b, :, position], fresh_values[row, :, i])
+            else:
+                assert torch.equal(store.keys[0][b, :, position], before_keys[b, :, position]), (b, position)
+                assert torch.equal(store.values[0][b, :, position], before_values[b, :, position]), (b, position)
+    store.write_rows(0, rows, valid, value=fresh_values + 1)  # values only: the keys stay
+    assert torch.equal(store.keys[0][0, :, 2], fresh_keys[0, :, 0])
+    assert torch.equal(store.values[0][0, :, 2], fresh_values[0, :, 0] + 1)
+    kept = store.keys[0].clone()
+    store.write(0, 3, key[:, :, :2], value[:, :, :2], own=torch.tensor([[True, False], [False, False]]))
+    assert torch.equal(store.keys[0][0, :, 3], key[0, :, 0]) and torch.equal(store.keys[0][0, :, 4], kept[0, :, 4])
+    assert torch.equal(store.keys[0][1], kept[1])
+    keys, values = store.read(0, 6)
+    assert keys.shape == values.shape == (2, 3, 6, 4) and torch.equal(keys, store.keys[0][:, :, :6])
+    store.adopt(1, key, value)
+    assert store.read(1)[0] is key and 1 in store
+    store.clear()
+    assert 0 not in store and store.keys == {} and store.values == {}
 
 
 # ------------------------------------------------------------------------------------------------- dLLM-Cache
@@ -372,7 +469,7 @@ def test_dllm_verify_picks_the_least_similar_values():
     cache.begin_block(4, 12)
     torch.manual_seed(0)
     cached = torch.randn(2, 2, 12, 4)
-    cache.keys[1], cache.values[1] = cached.clone(), cached.clone()
+    cache.kv.adopt(1, cached.clone(), cached.clone())
     for _ in range(2):  # the second forward verifies
         cache.plan_step(canvas, 0)
     fresh = cached.clone()
@@ -398,20 +495,20 @@ def test_dllm_verify_step_keeps_what_it_did_not_recompute(model):
     cache.begin_block(10, 26)
     cache.plan_step(canvas, 0)
     model(canvas, past_key_values=cache)
-    before = {name: {key: tensor.clone() for key, tensor in getattr(cache, name).items()}
-              for name in ("keys", "values", "outputs")}
+    before = {name: {key: tensor.clone() for key, tensor in stored.items()}
+              for name, stored in (("keys", cache.kv.keys), ("values", cache.kv.values), ("outputs", cache.outputs))}
     canvas[0, 10:14] = torch.tensor([5, 6, 7, 8])
     cache.plan_step(canvas, 1)
     model(canvas, past_key_values=cache)
-    for layer in range(1, len(cache.keys)):
+    for layer in range(1, len(cache.kv.keys)):
         rows, valid = cache.rows[layer]
         chosen = torch.zeros(26, dtype=torch.bool)
         chosen[rows[0][valid[0]]] = True
         assert chosen.sum() == 4 and not chosen[:10].any()
-        assert torch.equal(cache.keys[layer][:, :, ~chosen], before["keys"][layer][:, :, ~chosen])
-        assert not torch.equal(cache.keys[layer][:, :, chosen], before["keys"][layer][:, :, chosen])
-        assert torch.equal(cache.values[layer][:, :, :10], before["values"][layer][:, :, :10])
-        assert not torch.equal(cache.values[layer][:, :, 10:], before["values"][layer][:, :, 10:])
+        assert torch.equal(cache.kv.keys[layer][:, :, ~chosen], before["keys"][layer][:, :, ~chosen])
+        assert not torch.equal(cache.kv.keys[layer][:, :, chosen], before["keys"][layer][:, :, chosen])
+        assert torch.equal(cache.kv.values[layer][:, :, :10], before["values"][layer][:, :, :10])
+        assert not torch.equal(cache.kv.values[layer][:, :, 10:], before["values"][layer][:, :, 10:])
         for name in ("attention", "ffn"):
             now, then = cache.outputs[layer, name], before["outputs"][layer, name]
             assert torch.equal(now[:, ~chosen], then[:, ~chosen]) and not torch.equal(now[:, chosen], then[:, chosen])
@@ -441,9 +538,9 @@ def test_dllm_refresh_stores_what_a_full_forward_computes(model):
         canvas[0, 10 + forward] = 5 + forward
     canvas[0, 13] = MASK  # the canvas of forward 4
     model(canvas, past_key_values=RecordingNull())
-    for layer in range(len(cache.keys)):
-        assert torch.equal(cache.keys[layer], recorded["keys", layer])
-        assert torch.equal(cache.values[layer], recorded["values", layer])
+    for layer in range(len(cache.kv.keys)):
+        assert torch.equal(cache.kv.keys[layer], recorded["keys", layer])
+        assert torch.equal(cache.kv.values[layer], recorded["values", layer])
         for name in ("attention", "ffn"):
             assert torch.equal(cache.outputs[layer, name], recorded[name, layer])
 

@@ -31,7 +31,7 @@ from dlm_generation.configuration_diffusion import (
     check_known_kwargs,
     translate_aliases,
 )
-from dlm_generation.diffusion_cache import CACHE_CONFIG_DEFAULTS, KNOWN_CACHE_IMPLEMENTATIONS
+from dlm_generation.diffusion_caches import KNOWN_CACHE_IMPLEMENTATIONS
 from dlm_generation.generation_utils import MODEL_INPUT_NAMES
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -48,23 +48,15 @@ FAMILY_DEFAULTS = {
 
 
 # ---------------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """The tiny models run ~100x faster on one thread than with intra-op threading on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# (conftest.py runs the tests on one torch thread: the tiny models are ~100x faster so on a busy CPU)
+@pytest.fixture(scope="module")
+def llada(golden_llada):
+    return golden_llada  # shared (conftest): tests change its generation_config only through monkeypatch
 
 
 @pytest.fixture(scope="module")
-def llada():
-    return transformers.AutoModelForCausalLM.from_pretrained(LLADA_DIR).eval()
-
-
-@pytest.fixture(scope="module")
-def dream():
-    return transformers.AutoModelForCausalLM.from_pretrained(DREAM_DIR).eval()
+def dream(golden_dream):
+    return golden_dream
 
 
 @pytest.fixture(params=["llada", "dream"])
@@ -111,7 +103,11 @@ def assert_rejected(kwargs, message_regex):
 @pytest.mark.parametrize("name", POSITIVE_INT_FIELDS)
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "4"])
 def test_positive_int_fields(name, value):
-    assert_rejected({name: value}, rx(f"{name} must be a positive integer, got {value!r}."))
+    if name == "block_length":  # its message also says what a valid block_length is
+        assert_rejected({name: value}, rx("block_length must be a positive integer that divides max_new_tokens (e.g. "
+                                          f"32), or None for a single block over the whole canvas; got {value!r}."))
+    else:
+        assert_rejected({name: value}, rx(f"{name} must be a positive integer, got {value!r}."))
 
 
 @pytest.mark.parametrize("name", NON_NEGATIVE_FIELDS)
@@ -245,7 +241,8 @@ def test_unsupported_ar_fields_accept_their_off_value(name, entry):
 ] + [
     pytest.param({"schedule": schedule}, id=f"schedule-{schedule}") for schedule in SCHEDULES
 ] + [
-    pytest.param({"cache_implementation": name, "cache_config": dict(CACHE_CONFIG_DEFAULTS[name])}, id=f"cache-{name}")
+    pytest.param({"cache_implementation": name,
+                  "cache_config": dict(DIFFUSION_CACHE_CLASSES[name].cache_config_defaults)}, id=f"cache-{name}")
     for name in KNOWN_CACHE_IMPLEMENTATIONS
 ] + [
     pytest.param({"cache_implementation": "dllm", "cache_config": {"rho": 0.5, "kp": 10}}, id="cache-dllm-alias"),
@@ -541,18 +538,20 @@ def test_diffusion_cache_instance_accepted(llada):
     assert out.shape == (1, 7) and calls == [((1, 7), 3)]
 
 
-@pytest.mark.parametrize("name", [n for n in KNOWN_CACHE_IMPLEMENTATIONS if n not in DIFFUSION_CACHE_CLASSES])
-def test_known_but_unavailable_cache_implementation(family, name):
-    _, model = family
-    with raises(rf"cache_implementation='{name}' is not available in this version of dlm-generation; use "
-                r"cache_implementation=None"):
-        model.diffusion_generate(prompt(), max_new_tokens=4, cache_implementation=name,
-                                 cache_config=dict(CACHE_CONFIG_DEFAULTS[name]))
+@pytest.mark.parametrize("name", KNOWN_CACHE_IMPLEMENTATIONS)
+def test_cache_implementation_name_runs_its_registered_class(llada, monkeypatch, name):
+    cls = DIFFUSION_CACHE_CLASSES[name]
+    assert issubclass(cls, DiffusionCache) and cls.cache_name == name
+    used = []
+    original = cls.begin_generation
 
+    def recording(self, *args, **kwargs):
+        used.append(type(self))
+        return original(self, *args, **kwargs)
 
-def test_available_caches_are_registered_classes():
-    assert {"prefix", "dual"} <= set(DIFFUSION_CACHE_CLASSES) <= set(KNOWN_CACHE_IMPLEMENTATIONS)
-    assert all(issubclass(cls, DiffusionCache) for cls in DIFFUSION_CACHE_CLASSES.values())
+    monkeypatch.setattr(cls, "begin_generation", recording)
+    out = llada.diffusion_generate(prompt(), max_new_tokens=4, steps=2, cache_implementation=name)
+    assert used == [cls] and not (out == MASK_ID).any()
 
 
 def test_diffusion_model_rejected_as_guide(family):

@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import GenerationConfig
 
-from .diffusion_cache import KNOWN_CACHE_IMPLEMENTATIONS, resolve_cache_config
+from .diffusion_caches import DIFFUSION_CACHE_CLASSES, KNOWN_CACHE_IMPLEMENTATIONS
 from .diffusion_guidance import resolve_guidance_config
 
 # Confidence measures ("scorers"). `confidence_threshold` is Fast-dLLM Dream's name for maskgit_plus confidence
@@ -199,8 +199,14 @@ class DiffusionGenerationConfig(GenerationConfig):
             if value is not None and not all(_is_int(v) and v >= 0 for v in values):
                 errors.append(f"{name} must be a non-negative token id (or a list of them), got {value!r}.")
 
-        for name in ("steps", "block_length", "max_new_tokens", "max_length", "top_k", "num_return_sequences"):
+        for name in ("steps", "max_new_tokens", "max_length", "top_k", "num_return_sequences"):
             positive_int(name)
+        block_ok = self.block_length is None or (_is_int(self.block_length) and self.block_length > 0)
+        if not block_ok:
+            errors.append(
+                f"block_length must be a positive integer that divides max_new_tokens (e.g. 32), or None for a single "
+                f"block over the whole canvas; got {self.block_length!r}."
+            )
         for name in ("temperature", "alg_temp", "cfg_scale"):
             non_negative(name)
         for name in ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history",
@@ -239,8 +245,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             )
         if self.alg == "confidence_threshold" and self.factor is not None:
             errors.append("alg='confidence_threshold' is a threshold policy; it cannot be combined with factor.")
-        if self.block_length is not None and self.max_new_tokens is not None and _is_int(self.block_length):
-            if _is_int(self.max_new_tokens) and self.max_new_tokens % self.block_length:
+        if self.block_length is not None and self.max_new_tokens is not None and block_ok:
+            if _is_int(self.max_new_tokens) and self.max_new_tokens > 0 and self.max_new_tokens % self.block_length:
                 errors.append(
                     f"max_new_tokens ({self.max_new_tokens}) must be a multiple of block_length ({self.block_length}); "
                     "change one of them, or set block_length=None for a single block."
@@ -253,8 +259,8 @@ class DiffusionGenerationConfig(GenerationConfig):
         if self.cache_config is not None and not isinstance(self.cache_config, dict):
             errors.append(f"cache_config must be a dict of the cache's hyper-parameters, got {self.cache_config!r}.")
         elif self.cache_implementation in KNOWN_CACHE_IMPLEMENTATIONS:
-            try:
-                resolve_cache_config(self.cache_implementation, self.cache_config)
+            try:  # a check only: the cache resolves its config once, when it is built for the call
+                DIFFUSION_CACHE_CLASSES[self.cache_implementation].resolve_cache_config(self.cache_config)
             except ValueError as error:
                 errors.append(str(error))
         if self.guidance is not None:

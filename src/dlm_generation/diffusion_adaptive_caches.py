@@ -34,19 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .diffusion_cache import CacheStep, DiffusionCache
-
-
-def write_rows(stored: torch.Tensor, dim: int, rows: torch.Tensor, valid: torch.Tensor, fresh: torch.Tensor) -> None:
-    """stored[b, ..., rows[b, i], ...] = fresh[b, ..., i, ...] along `dim` where valid[b, i]; elsewhere stored keeps
-    its value (the rows of a batch padded to a common count)."""
-    shape = [1] * stored.dim()
-    shape[0], shape[dim] = rows.shape
-    expand = list(stored.shape)
-    expand[dim] = rows.shape[1]
-    index = rows.view(shape).expand(expand)
-    kept = stored.gather(dim, index)
-    stored.scatter_(dim, index, torch.where(valid.view(shape), fresh, kept))
+from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, is_int, is_number, scatter_rows
 
 
 def padded_rows(chosen: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,13 +49,20 @@ class DLLMCache(DiffusionCache):
     recomputation of the `rou` share of response rows whose values drifted most (see the module docstring)."""
 
     cache_name = "dllm"
+    cache_config_defaults = {"kp": 50, "kr": 2, "rou": 0.25}  # the reference code's defaults
+    cache_config_aliases = {"rho": "rou"}
+    cache_config_checks = {
+        "kp": (lambda v: is_int(v) and v >= 1, "a positive integer (a refresh interval in forwards)"),
+        "kr": (lambda v: is_int(v) and v >= 1, "a positive integer (a refresh interval in forwards)"),
+        "rou": (lambda v: is_number(v) and 0.0 <= v <= 1.0,
+                "a share between 0 and 1 (the response rows recomputed between refreshes)"),
+    }
 
     # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
         self.forwards = torch.zeros(canvas.shape[0], dtype=torch.long, device=canvas.device)
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.kv = LayerKVStore()
         self.outputs: dict[tuple[int, str], torch.Tensor] = {}
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
@@ -90,7 +85,8 @@ class DLLMCache(DiffusionCache):
         return super().plan_step(canvas, step)
 
     def end_generation(self):
-        self.keys, self.values, self.outputs, self.rows = {}, {}, {}, {}
+        self.kv.clear()
+        self.outputs, self.rows = {}, {}
 
     # ----------------------------------------------------------------------------------------- model side
     def _per_row(self, flags: torch.Tensor, batch: int) -> torch.Tensor:
@@ -98,7 +94,7 @@ class DLLMCache(DiffusionCache):
         return flags.repeat(batch // flags.shape[0])
 
     def recompute_rows(self, layer_idx, value):
-        if self.everything or layer_idx == 0 or layer_idx not in self.keys:
+        if self.everything or layer_idx == 0 or layer_idx not in self.kv:
             self.rows[layer_idx] = None  # everything recomputed (layer 0 always, as in the reference)
             return None
         batch, _, length, _ = value.shape
@@ -108,7 +104,7 @@ class DLLMCache(DiffusionCache):
                   | (self._per_row(self.refresh_response, batch)[:, None] & ~is_prompt))
         if self.verify_count:  # V-verify: the response rows whose values drifted most from the cached ones
             fresh = value[:, :, prompt:].transpose(1, 2).flatten(2)  # (batch, response, kv_heads * head_dim)
-            cached = self.values[layer_idx][:, :, prompt:].transpose(1, 2).flatten(2)
+            cached = self.kv.values[layer_idx][:, :, prompt:].transpose(1, 2).flatten(2)
             similarity = F.cosine_similarity(fresh.float(), cached.float(), dim=-1)
             least = similarity.topk(self.verify_count, dim=-1, largest=False).indices + prompt
             drifted = torch.zeros_like(chosen).scatter_(1, least, True)
@@ -121,19 +117,16 @@ class DLLMCache(DiffusionCache):
     def update(self, key, value, layer_idx):
         selection = self.rows.get(layer_idx)
         if selection is None:  # a full refresh: this forward's tensors become the cache (no copy)
-            self.keys[layer_idx], self.values[layer_idx] = key, value
+            self.kv.adopt(layer_idx, key, value)
             return key, value
-        rows, valid = selection
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        write_rows(keys, 2, rows, valid, key)
+        self.kv.write_rows(layer_idx, *selection, key=key)
         batch, prompt = key.shape[0], self.prompt_length
         # Values: the prompt's when it is refreshed, every response row's when the response is refreshed or verified.
-        write_prompt = self._per_row(self.refresh_prompt, batch)[:, None, None, None]
         verified = self.verify if self.cache_config["rou"] > 0 else torch.zeros_like(self.verify)
-        write_response = self._per_row(self.refresh_response | verified, batch)[:, None, None, None]
-        values[:, :, :prompt] = torch.where(write_prompt, value[:, :, :prompt], values[:, :, :prompt])
-        values[:, :, prompt:] = torch.where(write_response, value[:, :, prompt:], values[:, :, prompt:])
-        return keys, values
+        self.kv.write(layer_idx, 0, value=value[:, :, :prompt], own=self._per_row(self.refresh_prompt, batch)[:, None])
+        self.kv.write(layer_idx, prompt, value=value[:, :, prompt:],
+                      own=self._per_row(self.refresh_response | verified, batch)[:, None])
+        return self.kv.read(layer_idx)
 
     def reuse(self, layer_idx, name, output):
         selection = self.rows.get(layer_idx)
@@ -141,7 +134,7 @@ class DLLMCache(DiffusionCache):
             self.outputs[layer_idx, name] = output
             return output
         stored = self.outputs[layer_idx, name]
-        write_rows(stored, 1, *selection, output)
+        scatter_rows(stored, 1, *selection, output)
         return stored
 
 
@@ -226,14 +219,24 @@ class D2Cache(DiffusionCache):
     """
 
     cache_name = "d2cache"
+    # `certainty_prior` is this library's switch for the decoding half of d2Cache (confidence x certainty density);
+    # False decodes with the scorer's plain confidence (for threshold / factor policies and semi-AR blocks).
+    cache_config_defaults = {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0, "inflate_w": 4, "certainty_prior": True}
+    cache_config_checks = {
+        "rollout_p": (lambda v: is_number(v) and 0.0 <= v <= 1.0,
+                      "a share between 0 and 1 (the attention-rollout mass recomputed)"),
+        "current_k": (lambda v: is_int(v) and v >= 1, "a positive integer (masked positions recomputed per step)"),
+        "sigma": (lambda v: is_number(v) and v > 0, "a positive number (the width of the certainty-density kernel)"),
+        "inflate_w": (lambda v: is_int(v) and v >= 0, "a non-negative integer (0: no inflation)"),
+        "certainty_prior": (lambda v: isinstance(v, bool), "True or False"),
+    }
     needs_attention_weights = True
     needs_token_probability = True
 
     # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.kv = LayerKVStore()
         self.attention: dict[int, torch.Tensor] = {}
         self.chosen: torch.Tensor | None = None  # (batch, length): positions the next step recomputes
         self.confidence = torch.ones(canvas.shape[0], self.canvas_length - self.prompt_length,
@@ -329,7 +332,8 @@ class D2Cache(DiffusionCache):
         return importance
 
     def end_generation(self):
-        self.keys, self.values, self.attention, self.chosen, self.real = {}, {}, {}, None, None
+        self.kv.clear()
+        self.attention, self.chosen, self.real = {}, None, None
 
     # ----------------------------------------------------------------------------------------- model side
     def observe_attention(self, layer_idx, weights):
@@ -338,12 +342,10 @@ class D2Cache(DiffusionCache):
     def update(self, key, value, layer_idx):
         step = self.current
         if step.positions is None:  # a full forward: its tensors become the cache (no copy)
-            self.keys[layer_idx], self.values[layer_idx] = key, value
+            self.kv.adopt(layer_idx, key, value)
             return key, value
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
         copies = key.shape[0] // step.positions.shape[0]  # CFG runs the canvas twice
         rows = step.positions.repeat(copies, 1)
         valid = step.row_queries.gather(1, step.positions).repeat(copies, 1)
-        write_rows(keys, 2, rows, valid, key)
-        write_rows(values, 2, rows, valid, value)
-        return keys[:, :, : step.key_end], values[:, :, : step.key_end]
+        self.kv.write_rows(layer_idx, rows, valid, key, value)
+        return self.kv.read(layer_idx, step.key_end)

@@ -1,23 +1,28 @@
-"""The diffusion cache protocol and its null object.
+"""The diffusion cache protocol, its null object, and what the caches share.
 
 A diffusion cache decides, per denoising step, which canvas positions the model recomputes, and keeps whatever it
 needs between steps. Two sides talk to it:
 
 * The denoising loop, through lifecycle hooks: `begin_generation` (once), `begin_block` (per semi-AR block),
-  `plan_step` (before every forward: which positions to run, which keys to attend to), `end_step` (after the
-  step's commits) and `end_generation` (frees what the cache holds).
-* The model, at four points per layer (the same in every model file):
-  - `recompute_rows(layer_idx, value)`: given the fresh values of every position of the forward, which rows the
-    layer recomputes (None: all of them; feature caches such as dLLM-Cache choose a subset per layer);
+  `plan_step` (before every forward: which positions to run, which keys to attend to), `rescore` (the scores the
+  commit policy ranks by), `settled_before`, `end_step` (after the step's commits) and `end_generation` (frees what
+  the cache holds).
+* The model, in every layer (the same calls in every model file):
+  - `recompute_rows(layer_idx, value)`, first: given the fresh values of every position of the forward, which rows
+    the layer recomputes (None: all of them; feature caches such as dLLM-Cache choose a subset per layer);
   - `update(key, value, layer_idx)` inside attention (`modeling_diffusion_utils.diffusion_attention`): the keys
     of the recomputed rows and the values of every row in, the keys and values to attend to out;
-  - `reuse(layer_idx, "attention" | "ffn", output)`: the recomputed rows' attention / FFN output in, the output
-    of every row of the forward out (the cache fills in the rows it did not recompute).
+  - `observe_attention(layer_idx, weights)`, only for a cache with `needs_attention_weights`: the head-averaged
+    attention weights of the forward's queries;
+  - `reuse(layer_idx, "attention" | "ffn", output)`, twice: the recomputed rows' attention / FFN output in, the
+    output of every row of the forward out (the cache fills in the rows it did not recompute).
 
 `DiffusionCache` itself is the null cache: every step runs the whole canvas and nothing is stored. A real cache
-(`diffusion_kv_caches.py`) is a subclass that overrides only the hooks it needs and is registered under its
-`cache_implementation` name in `diffusion_caches.DIFFUSION_CACHE_CLASSES`; the loop never branches on the cache
-type. See docs/write-your-own-cache.md.
+(`diffusion_kv_caches.py`, `diffusion_adaptive_caches.py`) is a subclass that overrides only the hooks it needs;
+the loop never branches on the cache type. A cache class also owns its settings: `cache_name`, the `cache_config`
+keys with their defaults, aliases and value checks (class attributes, applied by `resolve_cache_config`). The
+caches that keep keys and values per layer store them in a `LayerKVStore`. The registry of the
+`cache_implementation` names is built from the classes in `diffusion_caches.py`. See docs/write-your-own-cache.md.
 
 This file travels with saved models, so it imports only torch.
 """
@@ -25,23 +30,19 @@ This file travels with saved models, so it imports only torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-# Every cache name the configuration accepts, with its `cache_config` keys and their defaults (DESIGN.md; the
-# defaults of the papers' code). `None` for freecache's window_right means "every remaining position". d2cache's
-# `certainty_prior` is this library's switch for the decoding half of d2Cache (confidence x certainty density);
-# False decodes with the scorer's plain confidence (for threshold / factor policies and semi-AR blocks).
-CACHE_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "prefix": {},
-    "dual": {},
-    "dllm": {"kp": 50, "kr": 2, "rou": 0.25},
-    "d2cache": {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0, "inflate_w": 4, "certainty_prior": True},
-    "freecache": {"window_left": 64, "window_right": None},
-}
-CACHE_CONFIG_ALIASES: dict[str, dict[str, str]] = {"dllm": {"rho": "rou"}}
-KNOWN_CACHE_IMPLEMENTATIONS = tuple(CACHE_CONFIG_DEFAULTS)
+
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool (for `cache_config_checks`)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, and not a bool (for `cache_config_checks`)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,12 @@ class DiffusionCache:
     * `update(key, value, layer_idx)`: store / splice keys and values (already rotated), return those to attend to.
     * `recompute_rows(layer_idx, value)` and `reuse(layer_idx, name, output)`: recompute only some rows of a layer
       and reuse cached attention / FFN outputs for the others (the null cache: every row, nothing reused).
+    * `observe_attention(layer_idx, weights)` (with `needs_attention_weights`) and `rescore(...)`: read the
+      attention weights; change the scores the commit policy ranks by.
     * `begin_generation`, `begin_block`, `end_step`, `end_generation`: reset, move, release state.
+
+    They declare their settings as class attributes: `cache_name`, `cache_config_defaults`, `cache_config_aliases`
+    and `cache_config_checks` (a subclass with a rule across keys extends the classmethod `resolve_cache_config`).
     """
 
     # Capabilities (the loop and the model read these flags; they never ask for a cache's type):
@@ -105,13 +111,38 @@ class DiffusionCache:
     # chooses which masked positions to compute must include each row's first `guided_frontier` masked positions.
     guided_frontier = 0
 
-    cache_name: str | None = None  # a registered `cache_implementation` name: its cache_config is checked, filled in
+    # Settings: the `cache_config` keys this cache accepts with their defaults, other names accepted for them, and
+    # per key a check of the value with what it expects (for the error message). A subclass declares its own; the
+    # base class translates aliases, fills in defaults, refuses unknown keys and runs the checks.
+    cache_name: str | None = None  # the `cache_implementation` name (in messages; the class name when None)
+    cache_config_defaults: dict[str, Any] = {}
+    cache_config_aliases: dict[str, str] = {}
+    cache_config_checks: dict[str, tuple[Callable[[Any], bool], str]] = {}
 
     def __init__(self, cache_config: dict | None = None):
-        if self.cache_name is not None:
-            cache_config = resolve_cache_config(self.cache_name, cache_config)
-        self.cache_config = dict(cache_config or {})
+        self.cache_config = self.resolve_cache_config(cache_config)
         self.canvas_length = 0
+
+    @classmethod
+    def resolve_cache_config(cls, cache_config: dict | None) -> dict[str, Any]:
+        """`cache_config` with aliases translated and defaults filled in; an unknown key or a bad value raises a
+        `ValueError` (the configuration validates `cache_config` with this too)."""
+        name = cls.cache_name or cls.__name__
+        aliases = cls.cache_config_aliases
+        known = sorted([*cls.cache_config_defaults, *aliases]) or "none"
+        if cache_config is not None and not isinstance(cache_config, dict):
+            raise ValueError(f"cache_config of the {name!r} cache must be a dict of its settings (its keys: {known}),"
+                             f" got {cache_config!r}.")
+        resolved = dict(cls.cache_config_defaults)
+        for key, value in (cache_config or {}).items():
+            canonical = aliases.get(key, key)
+            if canonical not in resolved:
+                raise ValueError(f"cache_config key {key!r} is not a setting of the {name!r} cache (its keys: {known}).")
+            resolved[canonical] = value
+        for key, (valid, expected) in cls.cache_config_checks.items():
+            if not valid(resolved[key]):
+                raise ValueError(f"cache_config {key} of the {name!r} cache must be {expected}, got {resolved[key]!r}.")
+        return resolved
 
     # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int,
@@ -171,45 +202,77 @@ class DiffusionCache:
         return output
 
 
-def resolve_cache_config(name: str, cache_config: dict | None) -> dict[str, Any]:
-    """`cache_config` with aliases translated and defaults filled in; unknown keys raise (config validation)."""
-    aliases = CACHE_CONFIG_ALIASES.get(name, {})
-    resolved = dict(CACHE_CONFIG_DEFAULTS[name])
-    for key, value in (cache_config or {}).items():
-        canonical = aliases.get(key, key)
-        if canonical not in resolved:
-            known = sorted([*resolved, *aliases]) or "none"
-            raise ValueError(f"cache_config key {key!r} is not a setting of the {name!r} cache (its keys: {known}).")
-        resolved[canonical] = value
-    if name == "freecache":
-        for key, least in (("window_left", 0), ("window_right", 1)):
-            value = resolved[key]
-            if (value is not None or key == "window_left") and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < least):
-                kind = "a non-negative integer" if least == 0 else "a positive integer (or None: every remaining position)"
-                raise ValueError(f"cache_config {key} of the 'freecache' cache must be {kind}, got {value!r}.")
-    if name == "dllm":
-        for key in ("kp", "kr"):
-            if isinstance(resolved[key], bool) or not isinstance(resolved[key], int) or resolved[key] < 1:
-                raise ValueError(f"cache_config {key} of the 'dllm' cache must be a positive integer (a refresh"
-                                 f" interval in forwards), got {resolved[key]!r}.")
-        rou = resolved["rou"]
-        if isinstance(rou, bool) or not isinstance(rou, (int, float)) or not 0.0 <= rou <= 1.0:
-            raise ValueError(f"cache_config rou of the 'dllm' cache must be a share between 0 and 1 (the response"
-                             f" rows recomputed between refreshes), got {rou!r}.")
-    if name == "d2cache":
-        checks = {
-            "rollout_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
-                          "a share between 0 and 1 (the attention-rollout mass recomputed)"),
-            "current_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                          "a positive integer (masked positions recomputed per step)"),
-            "sigma": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                      "a positive number (the width of the certainty-density kernel)"),
-            "inflate_w": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                          "a non-negative integer (0: no inflation)"),
-            "certainty_prior": (lambda v: isinstance(v, bool), "True or False"),
-        }
-        for key, (valid, kind) in checks.items():
-            if not valid(resolved[key]):
-                raise ValueError(f"cache_config {key} of the 'd2cache' cache must be {kind}, got {resolved[key]!r}.")
-    return resolved
+
+def scatter_rows(stored: torch.Tensor, dim: int, rows: torch.Tensor, valid: torch.Tensor, fresh: torch.Tensor) -> None:
+    """In place: stored[b, ..., rows[b, i], ...] = fresh[b, ..., i, ...] along `dim` where valid[b, i]; elsewhere
+    stored keeps its value (the rows of a batch padded to a common count)."""
+    shape = [1] * stored.dim()
+    shape[0], shape[dim] = rows.shape
+    expand = list(stored.shape)
+    expand[dim] = rows.shape[1]
+    index = rows.view(shape).expand(expand)
+    kept = stored.gather(dim, index)
+    stored.scatter_(dim, index, torch.where(valid.view(shape), fresh, kept))
+
+
+class LayerKVStore:
+    """The keys and values a cache keeps, per layer: (batch, kv_heads, positions, head_dim) tensors, already rotated
+    (`keys[layer_idx]`, `values[layer_idx]`).
+
+    A layer is filled in one of two ways: `allocate` tensors for the whole canvas once per call and write into them
+    in place (`write` a contiguous range, `write_rows` scattered positions per batch row), which keeps their shapes
+    unchanged across steps (what graph capture needs); or `adopt` a full forward's tensors as they are (no copy) and
+    write into those later.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def __contains__(self, layer_idx: int) -> bool:
+        return layer_idx in self.keys
+
+    def clear(self) -> None:
+        """Release every layer's tensors."""
+        self.keys, self.values = {}, {}
+
+    def allocate(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, length: int) -> None:
+        """Give the layer (uninitialised) tensors of `length` positions, shaped and typed like `key` / `value` otherwise,
+        unless it holds them already for the same batch size."""
+        stored = self.keys.get(layer_idx)
+        if stored is None or stored.shape[0] != key.shape[0]:
+            shape = (key.shape[0], key.shape[1], length, key.shape[3])
+            self.keys[layer_idx] = key.new_empty(shape)
+            self.values[layer_idx] = value.new_empty(shape)
+
+    def adopt(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """The layer's keys and values become these tensors (a forward over every position; no copy)."""
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+
+    def write(self, layer_idx: int, start: int, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+              own: torch.Tensor | None = None) -> None:
+        """In place: the fresh keys and/or values of positions [start, start + n) (n = their length). `own` (batch, n),
+        or (batch, 1) for whole rows, says where the fresh entry counts; elsewhere the stored one is kept."""
+        for stored, fresh in ((self.keys, key), (self.values, value)):
+            if fresh is None:
+                continue
+            span = slice(start, start + fresh.shape[2])
+            target = stored[layer_idx]
+            if own is not None:
+                fresh = torch.where(own[:, None, :, None], fresh, target[:, :, span])
+            target[:, :, span] = fresh
+
+    def write_rows(self, layer_idx: int, rows: torch.Tensor, valid: torch.Tensor, key: torch.Tensor | None = None,
+                   value: torch.Tensor | None = None) -> None:
+        """In place: the fresh keys and/or values of scattered positions, per batch row: entry i of row b goes to
+        position rows[b, i] where valid[b, i]; every other position (and a padding entry's target) keeps its value."""
+        for stored, fresh in ((self.keys, key), (self.values, value)):
+            if fresh is not None:
+                scatter_rows(stored[layer_idx], 2, rows, valid, fresh)
+
+    def read(self, layer_idx: int, key_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values of positions [0, key_end) (None: all it holds)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if key_end is None:
+            return keys, values
+        return keys[:, :, :key_end], values[:, :, :key_end]

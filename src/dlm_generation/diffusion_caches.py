@@ -1,5 +1,8 @@
 """The registry of diffusion caches: `cache_implementation` name -> class (strings become objects here, once).
 
+Built from the classes: each declares its `cache_name` and its `cache_config` settings, so a new built-in cache is
+its class plus its entry in `BUILT_IN_CACHES`.
+
 This file travels with saved models, so it imports only siblings.
 """
 
@@ -9,6 +12,7 @@ from .diffusion_cache import DiffusionCache
 from .diffusion_adaptive_caches import D2Cache, DLLMCache
 from .diffusion_kv_caches import DualCache, FreeCache, PrefixCache
 
-DIFFUSION_CACHE_CLASSES: dict[str, type[DiffusionCache]] = {"prefix": PrefixCache, "dual": DualCache,
-                                                             "freecache": FreeCache, "dllm": DLLMCache,
-                                                             "d2cache": D2Cache}
+BUILT_IN_CACHES: tuple[type[DiffusionCache], ...] = (PrefixCache, DualCache, DLLMCache, D2Cache, FreeCache)
+DIFFUSION_CACHE_CLASSES: dict[str, type[DiffusionCache]] = {cls.cache_name: cls for cls in BUILT_IN_CACHES}
+"""The built-in caches by `cache_implementation` name: `"prefix"`, `"dual"`, `"dllm"`, `"d2cache"`, `"freecache"`."""
+KNOWN_CACHE_IMPLEMENTATIONS = tuple(DIFFUSION_CACHE_CLASSES)  # the names `cache_implementation` accepts

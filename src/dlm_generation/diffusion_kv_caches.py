@@ -1,10 +1,10 @@
 """Approximate KV caches that recompute a contiguous range of positions: Fast-dLLM's prefix and dual caches, and
 FlashDLM's FreeCache.
 
-Both keep the keys and values of every canvas position, per layer, in tensors allocated once per call
-(batch x kv_heads x canvas x head_dim), and write each step's fresh keys/values into them in place, so the steps of
-a block run with unchanged tensor shapes. At the first step of every block the whole canvas is recomputed (which
-refreshes everything and also decodes); later steps of the block run:
+All three keep the keys and values of every canvas position, per layer, in a `LayerKVStore` whose tensors are
+allocated once per call (batch x kv_heads x canvas x head_dim), and write each step's fresh keys/values into them in
+place, so the steps of a block run with unchanged tensor shapes. With the prefix and dual caches the first step of
+every block recomputes the whole canvas (which refreshes everything and also decodes); later steps of the block run:
 
 * prefix (`PrefixCache`): the block and everything after it, attending to the cached keys/values of the prefix;
 * dual (`DualCache`): the block only, attending to the cached prefix and the cached (stale) suffix.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion_cache import CacheStep, DiffusionCache
+from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, is_int
 
 
 class CanvasKVCache(DiffusionCache):
@@ -31,8 +31,7 @@ class CanvasKVCache(DiffusionCache):
 
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.kv = LayerKVStore()
         self.current = CacheStep(0, self.canvas_length, self.canvas_length)
 
     def plan_step(self, canvas, step):
@@ -47,23 +46,16 @@ class CanvasKVCache(DiffusionCache):
         return self.block_start
 
     def end_generation(self):
-        self.keys, self.values = {}, {}
+        self.kv.clear()
 
     def update(self, key, value, layer_idx):
-        stored_keys = self.keys.get(layer_idx)
-        if stored_keys is None or stored_keys.shape[0] != key.shape[0]:
-            shape = (key.shape[0], key.shape[1], self.canvas_length, key.shape[3])
-            stored_keys = self.keys[layer_idx] = key.new_empty(shape)
-            self.values[layer_idx] = value.new_empty(shape)
-        stored_values = self.values[layer_idx]
         step = self.current
-        span = slice(step.query_start, step.query_end)
-        if step.row_queries is not None:  # a row keeps what it holds outside its own window
-            own = step.row_queries.repeat(key.shape[0] // step.row_queries.shape[0], 1)[:, None, :, None]
-            key, value = torch.where(own, key, stored_keys[:, :, span]), torch.where(own, value, stored_values[:, :, span])
-        stored_keys[:, :, span] = key
-        stored_values[:, :, span] = value
-        return stored_keys[:, :, : step.key_end], stored_values[:, :, : step.key_end]
+        self.kv.allocate(layer_idx, key, value, self.canvas_length)
+        own = None  # a row keeps what it holds outside its own window (CFG runs the canvas twice)
+        if step.row_queries is not None:
+            own = step.row_queries.repeat(key.shape[0] // step.row_queries.shape[0], 1)
+        self.kv.write(layer_idx, step.query_start, key, value, own)
+        return self.kv.read(layer_idx, step.key_end)
 
 
 class PrefixCache(CanvasKVCache):
@@ -91,6 +83,12 @@ class FreeCache(CanvasKVCache):
     unfinished row's frontier. Finding the frontier costs one host synchronisation per step."""
 
     cache_name = "freecache"
+    cache_config_defaults = {"window_left": 64, "window_right": None}  # the reference API's defaults
+    cache_config_checks = {
+        "window_left": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+        "window_right": (lambda v: v is None or (is_int(v) and v >= 1),
+                         "a positive integer (or None: every remaining position)"),
+    }
 
     def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
         super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
