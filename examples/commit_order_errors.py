@@ -24,7 +24,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dlm_generation  # noqa: F401  (registers the model types)
-from dlm_generation.benchmark import BASE_CONFIG, generated_lengths, prompt_batches, reference_tokens
+from dlm_generation import generated_lengths
+from dlm_generation.benchmark import BASE_CONFIG, prompt_batches, reference_tokens
 from dlm_generation.tasks import dev_split, is_correct
 
 CLASSES = ("frontier", "parallel", "ahead")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -95,17 +97,73 @@ def test_guided_generation_from_the_command_line(capsys):
     ([LLADA, "--prompt", "x", "--batch-size", "0"], r"--batch-size must be at least 1, got 0"),
     ([AR, "--prompt", "x"], r"holds a Qwen2ForCausalLM, not a diffusion model .* pass an autoregressive model as "
                             r"--assistant-model"),
-    (["/nonexistent/model", "--prompt", "x"], r"cannot load '/nonexistent/model'"),
+    (["/nonexistent/model", "--prompt", "x"], r"no model folder at /nonexistent/model"),
+    ([LLADA, "--prompt", "x", "--block-length", "0"], r"block_length must be a positive integer that divides "
+                                                      r"max_new_tokens \(e.g. 32\), or None"),
+    ([LLADA, "--prompt", "x", "--cache-config", "{window_left: 64}"],
+     r"argument --cache-config: '\{window_left: 64\}' is not valid JSON \(Expecting property name enclosed in "
+     r"double quotes at character 1\): .* e.g. --cache-config '\{\"window_left\": 64\}'"),
+    ([LLADA, "--prompt", "x", "--guidance", "{'strategy': 'speculative'}"],
+     r"--guidance '\{\"strategy\": \"speculative\"\}'"),
+    ([LLADA, "--prompt", "x", "--cache-config", "big"], r"'big' is not valid JSON .* cache_config takes a JSON object"),
+    ([LLADA, "--prompt", "x", "--stop-strings", "[a, b]"],
+     r"'\[a, b\]' is not valid JSON .* pass it as a JSON string: --stop-strings '\"\[a, b\]\"'"),
+    ([LLADA, "--prompt", "x", "--dtype", "float8"], r"dtype 'float8' is not one of float32, bfloat16, float16"),
+    ([LLADA, "--prompt", "x", "--peft", "/nonexistent/adapter"],
+     r"cannot load the adapter --peft '/nonexistent/adapter': no PEFT adapter folder at /nonexistent/adapter"),
+    ([LLADA, "--prompt", "x", "--threads", "many"], r"argument --threads: invalid int value: 'many'"),
+    (["--prompt", "x"], r"the following arguments are required: model"),
 ])
-def test_bad_input_exits_with_a_clear_message(capsys, argv, message):
+def test_bad_input_exits_with_one_clear_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
     import re
 
-    assert re.search(message, capsys.readouterr().err), message
+    captured = capsys.readouterr()
+    error = captured.err.splitlines()[-1]  # what comes before it, if anything, is transformers' loading bar
+    assert error.startswith("dlm-generate: error: ") and captured.err.count("error") == 1, captured.err
+    assert "usage:" not in captured.err and "Traceback" not in captured.err
+    assert re.search(message, error), (message, error)
+    assert captured.out == ""
 
 
+def test_a_list_flag_keeps_a_plain_string_and_valid_json(capsys):
+    parse = cli.field_type("stop_strings")
+    assert parse("[END]") == "[END]" and parse('["a", "b"]') == ["a", "b"] and parse('"[a, b]"') == "[a, b]"
+    assert cli.field_type("cache_config")('{"window_left": 64}') == {"window_left": 64}
+    assert cli.parse_value("{window_left: 64}") == "{window_left: 64}"  # without a field name: the text itself
+
+
+@pytest.mark.slow
+def test_a_mistyped_model_path_answers_at_once_naming_the_folder():
+    """The issue's example: `model_cards/tiny-llada` is a valid-looking Hub id, but `model_cards/` is a folder here,
+    so it is a local path; the installed command answers with one line instead of retrying the network."""
+    command = shutil.which("dlm-generate")
+    assert command, "dlm-generate is not on PATH: pip install -e . installs it"
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    result = subprocess.run([command, "model_cards/tiny-llada", "--prompt", "Start with 12. Add 30."],
+                            capture_output=True, text=True, timeout=300, cwd=CARDS.parent,
+                            env={**env, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and result.stdout == ""
+    # Exactly this line: no Hub request was made (each would print its retries), no usage block.
+    assert result.stderr.splitlines() == [
+        f"dlm-generate: error: no model folder at {CARDS / 'tiny-llada'} (did you mean model_cards/tiny-llada-chain-"
+        "arith or model_cards/tiny-random-llada?); pass an existing folder or a Hub id (owner/name)"]
+
+
+def test_the_check_itself_takes_no_time(capsys, monkeypatch):
+    """Past Python's start and the imports (seconds), the command answers in well under a second (the network's
+    retries took 50 s)."""
+    monkeypatch.chdir(CARDS.parent)
+    began = time.perf_counter()
+    with pytest.raises(SystemExit):
+        cli.main(["model_cards/tiny-llada", "--prompt", "x"])
+    assert time.perf_counter() - began < 5
+    assert "no model folder at" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_the_installed_command_prints_help():
     command = shutil.which("dlm-generate")
     assert command, "dlm-generate is not on PATH: pip install -e . installs it"

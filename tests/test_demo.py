@@ -49,6 +49,7 @@ def test_settings_become_config_fields():
         Settings(guidance=True).overrides("entropy", False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fields", [dict(), dict(threshold=0.9, cache="dual"), dict(guidance=True),
                                     dict(cache="d2cache", block_length="whole canvas", max_new_tokens=64)])
 def test_the_stream_ends_on_the_direct_answer(session, fields):
@@ -71,6 +72,7 @@ def test_bad_requests_say_what_to_change(session):
                            replay_ms=0))
 
 
+@pytest.mark.slow
 def test_a_failed_request_leaves_the_next_one_correct(session, monkeypatch):
     original = session.model.diffusion_generate
 
@@ -205,6 +207,7 @@ def open_page(driver, url: str) -> None:
     WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt textarea"))
 
 
+@pytest.mark.slow
 def test_a_person_asks_a_question_in_the_browser(server, browser, session, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -234,6 +237,7 @@ def test_a_person_asks_a_question_in_the_browser(server, browser, session, tmp_p
     screenshot(browser, tmp_path, "demo_done.png")
 
 
+@pytest.mark.slow
 def test_concurrent_users_see_only_their_own_canvas(server, browser, session):
     from selenium.webdriver.common.by import By
 
@@ -262,6 +266,7 @@ def test_concurrent_users_see_only_their_own_canvas(server, browser, session):
     browser.switch_to.window(first)
 
 
+@pytest.mark.slow
 def test_the_demo_says_what_is_wrong_with_a_setting(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -274,6 +279,7 @@ def test_the_demo_says_what_is_wrong_with_a_setting(server, browser):
     assert "max_new_tokens" in browser.find_element(By.TAG_NAME, "body").text
 
 
+@pytest.mark.slow
 def test_the_command_refuses_a_missing_model(tmp_path, capsys):
     from dlm_generation.demo import main
 
@@ -283,6 +289,22 @@ def test_the_command_refuses_a_missing_model(tmp_path, capsys):
     assert caught.value.code == 2 and "cannot load" in stderr and "nowhere" in stderr
 
 
+@pytest.mark.slow
+def test_the_page_shows_no_path_of_this_machine(session):
+    """The page names the model by its folder's name (the screenshots go into the README), never by the absolute
+    path it was loaded from."""
+    import json
+
+    from dlm_generation.demo import build_demo, display_name
+
+    assert session.name == "tiny-llada-chain-arith"
+    assert display_name("someone/some-model") == "someone/some-model"  # a Hub id as given
+    page = json.dumps(build_demo(session).config, default=str)
+    assert "tiny-llada-chain-arith" in page
+    assert str(DEFAULT_MODEL.parent) not in page and str(Path.home()) not in page
+
+
+@pytest.mark.slow
 def test_sessions_share_no_decoding_state(session):
     """Two interleaved streams on one session: each ends on its own answer (no state lives on the session)."""
     settings = Settings(max_new_tokens=96)

@@ -27,6 +27,7 @@ def llada_lm():
     return dlm_eval.DiffusionLM(pretrained=LLADA, device="cpu", batch_size=4, mc_num=16)
 
 
+@pytest.mark.slow
 def test_chain_arith_task_reproduces_the_benchmark_accuracy():
     """dlm-eval's chain_arith on the first problems equals the benchmark's scorer on the same decoding."""
     limit = 4
@@ -73,6 +74,20 @@ def test_bad_model_args_and_rolling_loglikelihood_are_refused(llada_lm):
         llada_lm.loglikelihood_rolling([])
 
 
+def test_model_args_get_the_command_lines_checks():
+    """`pretrained=` goes through the shared loader (a mistyped folder answers at once, naming it), and a dict field
+    that is not JSON says so instead of reaching the config as a string."""
+    with pytest.raises(ValueError, match=r"no model folder at .*tiny-llada \(did you mean .*tiny-llada-chain-arith"):
+        dlm_eval.DiffusionLM(pretrained=str(CARDS / "tiny-llada"), device="cpu")
+    with pytest.raises(ValueError, match=r"'\{window_left: 64\}' is not valid JSON .* e\.g\. "
+                                         r"cache_config=\{\"window_left\": 64\}"):
+        dlm_eval.DiffusionLM(pretrained=LLADA, device="cpu", cache_implementation="freecache",
+                             cache_config="{window_left: 64}")
+    with pytest.raises(ValueError, match="holds a Qwen2ForCausalLM, not a diffusion model"):
+        dlm_eval.DiffusionLM(pretrained=str(CARDS / "tiny-ar-chain-arith"), device="cpu")
+
+
+@pytest.mark.slow
 def test_dlm_eval_command_finds_the_packaged_task(tmp_path, capsys):
     dlm_eval.main(["run", "--model", "dlm", "--model_args", f"pretrained={LLADA},threshold=0.9,alg=low_confidence",
                    "--tasks", "chain_arith", "--limit", "2", "--device", "cpu", "--batch_size", "2",
@@ -106,7 +121,8 @@ def _results(folder: Path) -> tuple[float, list[str]]:
     return results["results"]["chain_arith"]["acc,none"], responses
 
 
-def test_two_processes_give_the_scores_of_one(tmp_path):
+@pytest.mark.slow
+def test_two_processes_give_the_scores_of_one(tmp_path, free_port):
     """Data parallel with torchrun (gloo on CPU): the requests are sharded over 2 ranks and gathered; scores and
     completions equal a single process's."""
     import shutil
@@ -116,8 +132,12 @@ def test_two_processes_give_the_scores_of_one(tmp_path):
     assert torchrun, "torchrun comes with torch"
     args = ["run", "--model", "dlm", "--model_args", f"pretrained={LLADA},threshold=0.9,alg=low_confidence",
             "--tasks", "chain_arith", "--limit", "4", "--device", "cpu", "--batch_size", "2", "--log_samples"]
-    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "dlm_generation.eval", *args, "--output_path",
-                    str(tmp_path / "two")], check=True, capture_output=True, timeout=600,
-                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    # A fresh free port each run: torchrun's fixed default (29500) collides with any other process group on the
+    # machine (a parallel test run, a previous run's rank still exiting).
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                          str(free_port()), "-m", "dlm_generation.eval", *args, "--output_path", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-4000:]
     dlm_eval.main([*args, "--output_path", str(tmp_path / "one")])
     assert _results(tmp_path / "two") == _results(tmp_path / "one")

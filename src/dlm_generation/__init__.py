@@ -10,11 +10,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_diffusion import DiffusionGenerationConfig
 from .configuration_dream import DreamConfig
 from .configuration_llada import LLaDAConfig
-from .diffusion_cache import CacheStep, DiffusionCache, StepOutcome
+from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_adaptive_caches import D2Cache, DLLMCache
 from .diffusion_kv_caches import DualCache, FreeCache, PrefixCache
-from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
+from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin, generated_lengths
 from .modeling_dream import DreamModel
 from .modeling_llada import LLaDAModelLM
 from .streamers import CanvasFrame, CanvasStreamer
@@ -46,6 +46,8 @@ __all__ = [
     "DreamModel",
     "LLaDAConfig",
     "LLaDAModelLM",
+    "LayerKVStore",
     "PrefixCache",
     "StepOutcome",
+    "generated_lengths",
 ]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .generation_utils import generated_lengths
 from .tasks.chain_arith import ChainArithProblem, accuracy, dev_split
 
 VANILLA = "vanilla"
@@ -133,15 +134,6 @@ def parse_config(text: str) -> tuple[str, dict]:
         raise ValueError(f"configuration {text!r} sets {reserved}: the benchmark sets these itself (use"
                          " --gen-lengths for the generation length)")
     return name, settings
-
-
-def generated_lengths(completions: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
-    """Tokens per row up to and including the first EOS (one id or several; the whole row when there is none)."""
-    if eos_token_id is None:
-        return torch.full((completions.shape[0],), completions.shape[1])
-    stops = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
-    is_eos = torch.isin(completions, stops.to(completions.device))
-    return torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, completions.shape[1])
 
 
 class ForwardTimer:

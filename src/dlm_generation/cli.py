@@ -7,8 +7,10 @@
 
 Every field of `DiffusionGenerationConfig` that `diffusion_generate` reads is a flag (`--block-length 32`,
 `--eos-early-stop`, `--cache-config '{"window_left": 64}'`; values are read as JSON, so `--block-length null`
-asks for the default); flags left out keep the model's own `generation_config.json`. Completions go to stdout, followed by a stats line; `--json` prints one JSON document
-instead; a progress bar on stderr follows many prompts.
+asks for the default, and a field that takes a dict or a list must get valid JSON); flags left out keep the model's
+own `generation_config.json`. Completions go to stdout, followed by a stats line; `--json` prints one JSON document
+instead; a progress bar on stderr follows many prompts. Every error (a bad flag value, a model folder that does not
+exist, a prompt the model refuses) is one line `dlm-generate: error: ...` on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import sys
 import time
 from typing import Any
 
-from .benchmark import generated_lengths
 from .configuration_diffusion import LIBRARY_DEFAULTS, DiffusionGenerationConfig
+from .generation_utils import generated_lengths
+from .loading import load_models
 
 # Fields that the CLI sets itself.
 CLI_OWNED = {"return_dict_in_generate", "output_commit_steps"}
@@ -55,25 +58,97 @@ def field_help() -> dict[str, str]:
     return helps
 
 
-def parse_value(text: Any) -> Any:
+# Fields whose value is a JSON object, and an example of each; fields that may be a JSON list.
+OBJECT_FIELDS = {"cache_config": '{"window_left": 64}', "guidance": '{"strategy": "speculative"}'}
+LIST_FIELDS = {"stop_strings": '["####", "Question"]', "eos_token_id": "[2, 7]"}
+
+
+def parse_value(text: Any, name: str | None = None, flag: str | None = None) -> Any:
     """A flag's value: JSON when it parses (numbers, true/false, null, lists, dicts), else the string itself;
-    values that are not strings pass through (lm-eval's `model_args` parser has already typed some)."""
+    values that are not strings pass through (lm-eval's `model_args` parser has already typed some).
+
+    With the field's `name`, text that is not valid JSON raises `ValueError` (json's message and the fix) where the
+    field expects a JSON object (`cache_config`, `guidance`), and wherever the text was meant as a JSON object or
+    list (it starts with `{`, or with `[` and holds a quote or a comma). `flag` is how the message shows the
+    setting (default `--cache-config` for `cache_config`).
+    """
     if not isinstance(text, str):
         return text
     try:
         return json.loads(text)
+    except json.JSONDecodeError as error:
+        stripped = text.strip()
+        meant_as_json = stripped.startswith("{") or (stripped.startswith("[") and any(c in stripped for c in "\"',"))
+        if name is None or not (name in OBJECT_FIELDS or meant_as_json):
+            return text
+        raise ValueError(json_error(name, text, error, flag)) from None
+
+
+def json_error(name: str, text: str, error: json.JSONDecodeError, flag: str | None = None) -> str:
+    """What is wrong with `text` as JSON for field `name`, and the value to pass instead."""
+    flag = flag or "--" + name.replace("_", "-")
+    example = repair_json(text) or OBJECT_FIELDS.get(name) or LIST_FIELDS.get(name) or '{"key": 1}'
+
+    def setting(value: str) -> str:  # a command-line flag takes a quoted shell word; model_args take name=value
+        return f"{flag} '{value}'" if flag.startswith("-") else f"{flag}={value}"
+
+    kind = "a JSON object" if name in OBJECT_FIELDS else "JSON"
+    message = (f"{text!r} is not valid JSON ({error.msg} at character {error.pos}): {name} takes {kind}, with keys "
+               f"and strings in double quotes, e.g. {setting(example)}")
+    if name == "stop_strings":
+        message += f" (to stop at the text itself, pass it as a JSON string: {setting(json.dumps(text))})"
+    return message
+
+
+def repair_json(text: str) -> str | None:
+    """`text` with single quotes, bare keys and words, and Python's True / False / None made JSON, if that parses."""
+    fixed = re.sub(r"'([^'\\]*)'", r'"\1"', text)
+    fixed = re.sub(r'([{,]\s*)([A-Za-z_][\w\-]*)(\s*:)', r'\1"\2"\3', fixed)
+    fixed = re.sub(r'(:\s*)(?!(?:true|false|null|True|False|None)\b)([A-Za-z_][\w\-.]*)(\s*[,}])', r'\1"\2"\3', fixed)
+    for python, json_name in (("True", "true"), ("False", "false"), ("None", "null")):
+        fixed = re.sub(rf"(?<![\w\"]){python}(?![\w\"])", json_name, fixed)
+    try:
+        json.loads(fixed)
     except json.JSONDecodeError:
-        return text
+        return None
+    return fixed
+
+
+def field_type(name: str):
+    """The argparse `type` of a config field's flag: `parse_value`, JSON mistakes reported as the flag's error."""
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(text, name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def one_line(message: Any) -> str:
+    """A (possibly multi-line) error message as one line: lines joined, list bullets dropped."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return " ".join(line[2:] if line.startswith("- ") else line for line in lines)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that an error is one line `prog: error: ...` on stderr (exit status 2), without the usage
+    block; `--help` prints the full help as usual."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dlm-generate",
         description="Generate with a diffusion language model (LLaDA, Dream) through dlm-generation. Prompts come "
                     "from --prompt (repeatable), --prompts-file (one per line; '-' reads stdin) or --chat.",
         epilog="Decoding flags not given keep the model's generation_config.json. Example: dlm-generate "
                "model_cards/tiny-llada-chain-arith --prompt 'Start with 63. Subtract 39. Add 46.' --threshold 0.9 "
-               "--alg low_confidence --cache-implementation dual",
+               "--alg low_confidence --cache-implementation dual (the chain-arith chat template turns the bare "
+               "question into 'Question: ... What is the result?'). Errors are one line on stderr, exit status 2.",
     )
     parser.add_argument("model", help="a model folder or Hub id (LLaDA or Dream)")
     source = parser.add_argument_group("prompts")
@@ -107,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
             config.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=text)
         else:
-            config.add_argument(flag, dest=name, type=parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+            config.add_argument(flag, dest=name, type=field_type(name), default=argparse.SUPPRESS, metavar="VALUE",
                                 help=text)
     return parser
 
@@ -131,46 +206,13 @@ def read_prompts(args, parser) -> list[str]:
     return prompts
 
 
-def load_models(model_path: str, assistant_model: str | None = None, device: str = "cpu", dtype: str | None = None,
-                peft: str | None = None):
-    """(model, tokenizer, guide) for a LLaDA / Dream folder or Hub id, an optional PEFT adapter and AR guide; the
-    tokenizer pads on the left (the canvas follows the prompt). Raises OSError / ValueError saying what failed."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import dlm_generation  # noqa: F401  (registers LLaDA and Dream)
-
-    from .generation_utils import DiffusionGenerationMixin
-
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-    if not isinstance(model, DiffusionGenerationMixin):
-        raise ValueError(f"{model_path} holds a {type(model).__name__}, not a diffusion model (LLaDA or Dream); pass "
-                         "an autoregressive model as --assistant-model")
-    if peft:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, peft).eval()
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot load the adapter --peft {peft!r}: {str(error).splitlines()[0]}") from error
-    guide = None
-    if assistant_model:
-        try:
-            guide = AutoModelForCausalLM.from_pretrained(assistant_model, dtype=torch_dtype).to(device).eval()
-        except OSError as error:
-            raise ValueError(f"cannot load --assistant-model {assistant_model!r}: {str(error).splitlines()[0]}") \
-                from error
-    return model, tokenizer, guide
-
-
 def load(args, parser):
+    """`loading.load_models` for the command line's flags; its errors end the command with one line."""
     try:
-        return load_models(args.model, args.assistant_model, args.device, args.dtype, args.peft)
+        return load_models(args.model, args.assistant_model, args.device, args.dtype, args.peft,
+                           option_names={"assistant_model": "--assistant-model", "peft": "--peft"})
     except OSError as error:
-        parser.error(f"cannot load {args.model!r}: {str(error).splitlines()[0]}")
+        parser.error(f"cannot load {args.model!r}: {one_line(error)}")
     except ValueError as error:
         parser.error(str(error))
 

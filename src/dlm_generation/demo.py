@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .generation_utils import generated_lengths
+from .loading import load_models
 from .streamers import CanvasFrame, CanvasStreamer
 from .visualize import step_color, token_labels
 
@@ -36,10 +38,11 @@ DEFAULT_GUIDE = REPOSITORY_MODELS / "tiny-ar-chain-arith"
 CACHES = ["none", "prefix", "dual", "freecache", "dllm", "d2cache"]
 BLOCK_CHOICES = ["whole canvas", "8", "16", "32", "64", "128"]
 SCORERS = ["model default", "low_confidence", "maskgit_plus", "topk_margin", "entropy"]
+# Chain-arith questions for the shipped models (their chat template adds "Question: " and " What is the result?").
 EXAMPLES = [
-    "Question: Start with 63. Subtract 39. Add 46. What is the result?",
-    "Question: Start with 8. Add 75. Subtract 19. Add 52. Subtract 90. What is the result?",
-    "Question: Start with 41. Add 17. What is the result?",
+    "Start with 63. Subtract 39. Add 46.",
+    "Start with 8. Add 75. Subtract 19. Add 52. Subtract 90.",
+    "Start with 41. Add 17.",
 ]
 
 
@@ -199,8 +202,6 @@ class DemoSession:
         return records
 
     def summary(self, record: dict, prompt_length: int) -> dict:
-        from .benchmark import generated_lengths
-
         out = record["output"]
         generated = out.sequences[:1, prompt_length:]
         end = int(generated_lengths(generated, self.eos_token_id)[0])
@@ -330,16 +331,24 @@ def offline_theme():
     return gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["monospace"])
 
 
-def load_session(model_path: str, assistant_model: str | None, device: str, dtype: str | None) -> DemoSession:
-    from .cli import load_models
+def display_name(model_path: str) -> str:
+    """How the page names a model: a local folder by its own name (the page never shows a path of this machine), a
+    Hub id as given."""
+    path = os.path.expanduser(str(model_path))
+    return os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else str(model_path)
 
-    model, tokenizer, guide = load_models(model_path, assistant_model, device, dtype)
-    return DemoSession(model, tokenizer, guide, name=str(model_path))
+
+def load_session(model_path: str, assistant_model: str | None, device: str, dtype: str | None) -> DemoSession:
+    model, tokenizer, guide = load_models(model_path, assistant_model, device, dtype,
+                                          option_names={"assistant_model": "--assistant-model"})
+    return DemoSession(model, tokenizer, guide, name=display_name(model_path))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dlm-demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import OneLineParser  # errors as one line, like dlm-generate's
+
+    parser = OneLineParser(prog="dlm-demo", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None,
                         help=f"a LLaDA or Dream folder or Hub id (default: the shipped {DEFAULT_MODEL.name})")
     parser.add_argument("--assistant-model", default=None,
@@ -370,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = load_session(model_path, guide_path, args.device, args.dtype)
     except (OSError, ValueError) as error:
-        parser.error(f"cannot load {model_path!r}: {str(error).splitlines()[0]}")
+        parser.error(f"cannot load {display_name(model_path)!r}: {str(error).splitlines()[0]}")
     demo = build_demo(session)
     demo.queue(default_concurrency_limit=args.concurrency)
-    print(f"dlm-demo: {model_path} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    print(f"dlm-demo: {session.name} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, footer_links=[], theme=offline_theme())
     return 0
 

@@ -28,9 +28,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from .benchmark import generated_lengths
 from .cli import parse_value
 from .configuration_diffusion import LIBRARY_DEFAULTS, DiffusionGenerationConfig
+from .generation_utils import generated_lengths
+from .loading import load_models
 
 TASKS_PATH = Path(__file__).resolve().parent / "lm_eval_tasks"
 _INSTANCES: list = []  # the DiffusionLM instances of this process (dlm-eval prints their speed)
@@ -46,25 +47,18 @@ class DiffusionLM(TemplateLM):
     def __init__(self, pretrained: str, dtype: str | None = None, device: str | None = None, batch_size: int | str = 8,
                  peft: str | None = None, assistant_model: str | None = None, mc_num: int = 128, **config):
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        import dlm_generation  # noqa: F401  (registers LLaDA and Dream)
-
-        from .generation_utils import DiffusionGenerationMixin
-
         config.pop("trust_remote_code", None)  # lm-eval adds it; the installed package needs no remote code
         config.pop("max_batch_size", None)
         unknown = sorted(set(config) - set(LIBRARY_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown model_args {unknown} for the dlm model: use {sorted(MODEL_KEYS)} or fields of "
                              "DiffusionGenerationConfig")
-        self.config = {name: parse_value(value) for name, value in config.items()}
+        self.config = {name: parse_value(value, name, flag=name) for name, value in config.items()}
         DiffusionGenerationConfig(**self.config)  # bad values fail here, with the config's message
         self.batch_size = 8 if batch_size in (None, "auto") else int(batch_size)
         self.mc_num = int(mc_num)
         if self.batch_size < 1 or self.mc_num < 1:
             raise ValueError(f"batch_size and mc_num must be positive, got {batch_size} and {mc_num}")
-        torch_dtype = getattr(torch, dtype) if dtype else None
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # lm-eval's own default is cuda:0
                 print(f"dlm: CUDA is not available, running on cpu instead of {device} (pass --device cpu)",
@@ -79,20 +73,9 @@ class DiffusionLM(TemplateLM):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             if self._device.type == "cuda":
                 self._device = self.accelerator.device
-        self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
-        self.tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype).to(self._device).eval()
-        if not isinstance(model, DiffusionGenerationMixin):
-            raise ValueError(f"{pretrained} holds a {type(model).__name__}, not a LLaDA or Dream model of dlm-generation")
-        if peft:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, peft).eval()
+        # the command line's loader: paths checked at once, a left-padding tokenizer, models in eval mode
+        model, self.tokenizer, self.guide = load_models(pretrained, assistant_model, self._device, dtype, peft)
         self.model = model
-        self.guide = None
-        if assistant_model:
-            self.guide = AutoModelForCausalLM.from_pretrained(assistant_model, dtype=torch_dtype).to(self._device)
-            self.guide.eval()
         self.mask_token_id = getattr(model.generation_config, "mask_token_id", None)
         if self.mask_token_id is None:
             self.mask_token_id = model.config.mask_token_id
@@ -175,7 +158,8 @@ class DiffusionLM(TemplateLM):
             kwargs = dict(json.loads(key))
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            settings = {**self.config, **{k: parse_value(v) for k, v in kwargs.items() if k in LIBRARY_DEFAULTS}}
+            settings = {**self.config, **{k: parse_value(v, k, flag=k) for k, v in kwargs.items()
+                                          if k in LIBRARY_DEFAULTS}}
             settings["max_new_tokens"] = self._canvas(kwargs.get("max_gen_toks", settings.get("max_new_tokens")),
                                                       settings)
             if not kwargs.get("do_sample", False) and "temperature" not in settings:

@@ -33,7 +33,7 @@ from .configuration_diffusion import (
     guidance_conflicts,
     translate_aliases,
 )
-from .diffusion_cache import DiffusionCache, StepOutcome, resolve_cache_config
+from .diffusion_cache import DiffusionCache, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_guidance import ARGuide, check_shared_vocabulary, resolve_guidance_config
 from .diffusion_strategies import NEG_INF, StepContext, build_strategies, propose_tokens
@@ -73,6 +73,28 @@ class DiffusionGenerateOutput(ModelOutput):
     confidences: torch.FloatTensor | None = None
     assistant_forwards: int | None = None
     commit_steps: torch.LongTensor | None = None
+
+
+def generated_lengths(completions: torch.Tensor, eos_token_id: int | list[int] | torch.Tensor | None) -> torch.Tensor:
+    """Tokens per row of `completions` (batch, length) up to and including the first stop token.
+
+    `eos_token_id` is one id, a list / tuple / 1-D tensor of ids, or None; a row without a stop token (or any row,
+    when there are no stop ids) counts its whole length. Returns an int64 tensor (batch,) on `completions`' device.
+    This is how `tokens_per_forward` counts generated tokens; cut a completion with
+    `sequences[:, prompt_len:][row, :length]`.
+    """
+    if eos_token_id is None:
+        stops = torch.empty(0, dtype=torch.long)
+    elif isinstance(eos_token_id, torch.Tensor):
+        stops = eos_token_id.reshape(-1)
+    else:
+        stops = torch.tensor(list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                             dtype=torch.long)
+    full = torch.full((completions.shape[0],), completions.shape[1], dtype=torch.long, device=completions.device)
+    if not stops.numel():
+        return full
+    is_stop = torch.isin(completions, stops.to(completions.device))
+    return torch.where(is_stop.any(-1), is_stop.long().argmax(-1) + 1, full)
 
 
 class DiffusionGenerationMixin(GenerationMixin):
@@ -199,6 +221,9 @@ class DiffusionGenerationMixin(GenerationMixin):
         num_blocks = config.max_new_tokens // block_length
         steps_in_block = config.steps // num_blocks
         shift = self.diffusion_logits_shift
+        # True once a forward gave non-finite logits at a position it could commit; computed on the device and read
+        # at the step's one host sync below, so the check costs no extra synchronisation.
+        nonfinite = torch.zeros((), dtype=torch.bool, device=canvas.device)
         cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=shift)
         try:
             for block in range(num_blocks):
@@ -219,7 +244,10 @@ class DiffusionGenerationMixin(GenerationMixin):
                 max_steps = steps_in_block + (block_end - window_start)
                 while True:
                     block_masks = (canvas[:, window_start:block_end] == mask_id) & ~finished[:, None]
-                    if not bool(block_masks.any()):
+                    masks_left, broken = torch.stack([block_masks.any(), nonfinite]).tolist()
+                    if broken:  # the forward just run (number `nfe`)
+                        raise self._nonfinite_logits_error(nfe, block, num_blocks)
+                    if not masks_left:
                         break
                     plan = cache.plan_step(canvas, step)
                     # The positions whose logits this forward computes (a shifted model reads position i at i - 1).
@@ -242,6 +270,8 @@ class DiffusionGenerationMixin(GenerationMixin):
                         canvas, padding_mask, position_ids, uncond_prompt, cache, plan, step_start, step_end, config
                     )
                     nfe += 1
+                    # A row's maximum logit is NaN or +inf when any logit is NaN or +inf (or all are -inf).
+                    nonfinite = (~torch.isfinite(logits.amax(-1)) & eligible).any()
                     for processor in processors:
                         logits = processor(canvas, logits)
                     # 4.3 proposals
@@ -289,7 +319,8 @@ class DiffusionGenerationMixin(GenerationMixin):
                     if drafts:  # a one-row streamer's draft follows its settled text; a batch streamer sees it all
                         streamer.put_draft(canvas[:, prompt_len if full_drafts else streamed:].cpu())
                     # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
-                    # sync) also ends the block, and every later block, once all rows are finished.
+                    # sync, which also reads this step's non-finite flag) ends the block, and every later block, once
+                    # all rows are finished.
 
         finally:
             cache.end_generation()
@@ -306,7 +337,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         return DiffusionGenerateOutput(
             sequences=sequences,
             nfe=nfe,
-            tokens_per_forward=self._generated_lengths(canvas, prompt_len, stop_ids) / max(nfe, 1),
+            tokens_per_forward=generated_lengths(canvas[:, prompt_len:], stop_ids).to(torch.float32) / max(nfe, 1),
             history=history,
             confidences=None if confidences is None else confidences[:, prompt_len:],
             assistant_forwards=None if guide is None else guide.forwards,
@@ -566,13 +597,9 @@ class DiffusionGenerationMixin(GenerationMixin):
             return past_key_values
         if config.cache_implementation is None:
             return DiffusionCache()
-        cache_class = DIFFUSION_CACHE_CLASSES.get(config.cache_implementation)
-        if cache_class is None:
-            raise ValueError(
-                f"cache_implementation={config.cache_implementation!r} is not available in this version of "
-                "dlm-generation; use cache_implementation=None."
-            )
-        return cache_class(resolve_cache_config(config.cache_implementation, config.cache_config))
+        # The validated config names a registered cache; the instance resolves its cache_config (the call's only
+        # resolution: validation only checked it).
+        return DIFFUSION_CACHE_CLASSES[config.cache_implementation](config.cache_config)
 
     def _prepare_logits_processors(self, config, logits_processor, device) -> LogitsProcessorList:
         processors = LogitsProcessorList()
@@ -688,6 +715,25 @@ class DiffusionGenerationMixin(GenerationMixin):
             )
         return callable(getattr(streamer, "put_draft", None))
 
+    def _nonfinite_logits_error(self, forward: int, block: int, num_blocks: int) -> ValueError:
+        """The error for a forward whose logits held NaN / inf at positions it could commit."""
+        dtype = str(self.dtype).replace("torch.", "")
+        check = ("check the checkpoint: [n for n, p in model.named_parameters() if not p.isfinite().all()] lists "
+                 "the broken weights")
+        if self.dtype == torch.float16:
+            advice = ("float16 overflows easily: load the model with dtype=torch.bfloat16 or torch.float32, e.g. "
+                      f"AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16); if that fails too, {check}")
+        elif self.dtype == torch.bfloat16:
+            advice = ("load the model with dtype=torch.float32, e.g. AutoModelForCausalLM.from_pretrained(path, "
+                      f"dtype=torch.float32); if that fails too, {check}")
+        else:
+            advice = f"in {dtype} this is rarely the arithmetic's fault, so {check}"
+        return ValueError(
+            f"diffusion_generate: forward pass {forward} (block {block + 1} of {num_blocks}) produced non-finite "
+            f"logits (NaN or inf) at positions to decode; the model's dtype is {dtype}. Decoding stopped instead of "
+            f"returning tokens drawn from them: {advice}."
+        )
+
     @staticmethod
     def _stream_settled(streamer, canvas, streamed, mask_id):
         masks = (canvas[0, streamed:] == mask_id).nonzero()
@@ -695,14 +741,6 @@ class DiffusionGenerationMixin(GenerationMixin):
         if settled_end > streamed:
             streamer.put(canvas[0, streamed:settled_end].cpu())
         return settled_end
-
-    @staticmethod
-    def _generated_lengths(canvas, prompt_len, stop_ids) -> torch.Tensor:
-        """Generated tokens up to and including the first stop token (all of them without one), per row."""
-        generated = canvas[:, prompt_len:]
-        is_stop = torch.isin(generated, stop_ids) if stop_ids.numel() else torch.zeros_like(generated, dtype=torch.bool)
-        first = torch.where(is_stop.any(-1), is_stop.long().argmax(-1) + 1, generated.shape[1])
-        return first.to(torch.float32)
 
     # ------------------------------------------------------------------------------------------ transformers hooks
     def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,

@@ -89,7 +89,7 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 def _shown_positions(tokens: torch.Tensor, stop_ids: set[int], extra: int = 4) -> int:
     """Positions up to each row's first stop token, plus `extra`, over all rows."""
-    from .benchmark import generated_lengths
+    from .generation_utils import generated_lengths
 
     shown = int(generated_lengths(tokens, sorted(stop_ids) or None).max()) + extra
     return max(1, min(shown, tokens.shape[1]))
