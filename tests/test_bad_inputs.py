@@ -1,7 +1,7 @@
 """The catalogue of bad inputs: every one raises a `ValueError` from this library (not from deep inside torch) whose
 message says what was wrong and what to do; none hangs, none falls back silently.
 
-Each case is (id, call, what the message must say). The counts in the README come from `CASES`.
+Each case is (id, call, what the message must say). docs/reliability.md gives their number (`len(CASES)`).
 """
 
 from __future__ import annotations

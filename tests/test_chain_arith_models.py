@@ -66,6 +66,7 @@ def test_ar_model_solves_problems(tokenizer):
     assert result.calls[0]["nfe"] == max(result.calls[0]["tokens"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, folder, cls", [("llada", LLADA, dlm_generation.LLaDAModelLM),
                                                  ("dream", DREAM, dlm_generation.DreamModel)])
 def test_diffusion_model_solves_problems(tokenizer, family, folder, cls):
@@ -87,10 +88,11 @@ def test_diffusion_model_solves_problems(tokenizer, family, folder, cls):
     assert fast.calls[0]["nfe"] <= 256 / 2 and vanilla.calls[0]["nfe"] <= 256 / 2
 
 
-def test_calibration_counts_every_committed_token(tokenizer):
+@pytest.mark.slow
+def test_calibration_counts_every_committed_token(tokenizer, llada_chain_arith):
     """The reliability report covers each committed token up to the first EOS once, and a completion that equals
     the reference contributes only correct tokens."""
-    model = AutoModelForCausalLM.from_pretrained(LLADA)
+    model = llada_chain_arith
     settings = {**benchmark.BASE_CONFIG, "steps": 64, "block_length": 32, "alg": "low_confidence", "threshold": 0.9}
     report = benchmark.calibration(model, tokenizer, PROBLEMS, 64, 8, settings)
     result = benchmark.solve(model, tokenizer, PROBLEMS, 64, 8, settings)
@@ -105,6 +107,7 @@ def test_calibration_counts_every_committed_token(tokenizer):
     assert 0.0 <= report["ece"] <= 1.0
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end(tmp_path, capsys):
     json_path, png_path = tmp_path / "report.json", tmp_path / "plot.png"
     code = benchmark.main([
@@ -186,12 +189,18 @@ def test_cost_scaling_table():
     assert benchmark.format_scaling(rows[:2]) is None  # one length: nothing to scale
 
 
-@pytest.mark.parametrize("name", list(benchmark.NAMED_CONFIGS))
-def test_every_named_configuration_decodes(tokenizer, name):
+# A sample of the policies, caches and guidance in the fast tier; every configuration in the slow tier.
+FAST_NAMED = {"threshold-0.9+eos", "factor-1.0+eos", "dual+threshold-0.9+eos", "dllm+threshold-0.9+eos",
+              "d2cache+threshold-0.9+eos", "guided"}
+
+
+@pytest.mark.parametrize("name", [name if name in FAST_NAMED else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in benchmark.NAMED_CONFIGS])
+def test_every_named_configuration_decodes(tokenizer, name, llada_chain_arith, ar_chain_arith):
     """Each built-in benchmark configuration is valid and decodes a problem to the end (gen 64, block 32)."""
-    model = AutoModelForCausalLM.from_pretrained(LLADA)
+    model = llada_chain_arith  # shared (conftest): solve() passes its settings per call and changes nothing
     settings = {**benchmark.BASE_CONFIG, "steps": 64, "block_length": 32, **benchmark.NAMED_CONFIGS[name]}
-    guide = AutoModelForCausalLM.from_pretrained(AR) if "guidance" in settings else None  # the --ar-model
+    guide = ar_chain_arith if "guidance" in settings else None  # the --ar-model
     result = benchmark.solve(model, tokenizer, PROBLEMS[:2], 64, 2, settings, guide=guide)
     assert len(result.completions) == 2 and all(c.strip() for c in result.completions)
     assert all(call["nfe"] >= 1 and min(call["tokens"]) >= 1 for call in result.calls)

@@ -628,7 +628,7 @@ def test_save_and_load_round_trip(tmp_path, fields):
 
 @pytest.mark.parametrize("fields", [
     pytest.param(FULL_THRESHOLD, id="threshold-freecache", marks=pytest.mark.xfail(raises=ValueError, strict=True, reason=(
-        "Known limitation (documented in README): DiffusionGenerationConfig writes cache_implementation='freecache' (a "
+        "Known limitation (documented in docs/configuration.md): DiffusionGenerationConfig writes cache_implementation='freecache' (a "
         "KNOWN_CACHE_IMPLEMENTATIONS name) to generation_config.json, but transformers.GenerationConfig.from_pretrained "
         "validates it against the autoregressive cache names and raises ValueError: Invalid `cache_implementation`."))),
     pytest.param({k: v for k, v in FULL_THRESHOLD.items() if k != "cache_implementation"}, id="threshold"),

@@ -224,6 +224,7 @@ def model_pad(case: Case) -> int:
 
 
 
+@pytest.mark.slow
 @settings(max_examples=CI_EXAMPLES, deadline=None, derandomize=True, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())

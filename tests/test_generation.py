@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     LogitsProcessorList,
     MaxTimeCriteria,
     StoppingCriteria,
@@ -34,13 +33,13 @@ def family(request):
 
 
 @pytest.fixture(scope="module")
-def model(family):
-    return AutoModelForCausalLM.from_pretrained(CARDS / f"tiny-random-{family}")
+def model(family, request):
+    return request.getfixturevalue(f"random_{family}")  # shared (conftest): tests here must not modify it
 
 
 @pytest.fixture(scope="module")
-def tokenizer(family):
-    return AutoTokenizer.from_pretrained(CARDS / f"tiny-random-{family}")
+def tokenizer(family, request):
+    return request.getfixturevalue(f"random_{family}_tokenizer")
 
 
 def test_output_fields(model):

@@ -16,6 +16,8 @@ from dlm_generation import cli
 from dlm_generation.tasks.chain_arith import dev_split, train_problems
 from dlm_generation.training import masked_diffusion_loss
 
+pytestmark = pytest.mark.slow  # every test here uses the module fixture that trains an adapter
+
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 LLADA = CARDS / "tiny-llada-chain-arith"
 PROBLEMS = dev_split()[:4]

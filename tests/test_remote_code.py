@@ -187,6 +187,7 @@ def test_saved_code_has_no_absolute_package_import(saved):
                     assert (saved.dir / f"{node.module}.py").is_file(), (path.name, node.module)
 
 
+@pytest.mark.slow
 def test_remote_code_loads_and_generates_identically_without_the_package(saved, tmp_path):
     hf_home = tmp_path / "hf_home"
     modules_cache = tmp_path / "hf_modules"

@@ -23,7 +23,7 @@ RSS_BOUND_MB = 16.0
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
 def model(request):
-    return AutoModelForCausalLM.from_pretrained(CARDS / f"tiny-random-{request.param}").eval()
+    return request.getfixturevalue(f"random_{request.param}")  # shared (conftest): tests here must not modify it
 
 
 def rss_mb() -> float:
@@ -43,6 +43,7 @@ def varied_call(model, rng: random.Random, cache):
                                     eos_early_stop=rng.choice([True, False]), return_dict_in_generate=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="resident memory is read from /proc (Linux)")
 @pytest.mark.parametrize("family", ["llada", pytest.param("dream", marks=pytest.mark.nightly)])
 @pytest.mark.parametrize("cache", CACHES, ids=lambda c: str(c))
@@ -121,6 +122,7 @@ def test_an_interrupted_call_leaves_the_model_usable(model, cache, error):
 JOBS = [(c, dict(threshold=t, alg="low_confidence")) for c in CACHES for t in (None, 0.5)]
 
 
+@pytest.mark.slow
 def test_threads_sharing_one_model_get_the_sequential_results(model):
     expected = [reference(model, cache, **job).sequences for cache, job in JOBS]
     results: dict[tuple[int, int], torch.Tensor] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextDiffusionStreamer, TextIteratorStreamer, TextStreamer
+from transformers import TextDiffusionStreamer, TextIteratorStreamer, TextStreamer
 
 import dlm_generation  # noqa: F401
 from dlm_generation import CanvasStreamer
@@ -16,7 +16,6 @@ from dlm_generation.tasks.chain_arith import dev_split
 from dlm_generation.visualize import (commit_steps_from_history, plot_commit_trace, render_commit_trace, step_color,
                                       token_labels, trace_of)
 
-CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 MASK = 3
 CONFIGS = {
     "vanilla": dict(),
@@ -28,13 +27,13 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(CARDS / "tiny-chain-arith-tokenizer", padding_side="left")
+def tokenizer(chain_arith_tokenizer):
+    return chain_arith_tokenizer  # shared (conftest): left padding
 
 
 @pytest.fixture(scope="module", params=["dream", "llada"])
 def model(request):
-    return AutoModelForCausalLM.from_pretrained(CARDS / f"tiny-{request.param}-chain-arith").eval()
+    return request.getfixturevalue(f"{request.param}_chain_arith")  # shared (conftest): must not be modified
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,11 @@ def generate(model, inputs, **kwargs):
     return model.diffusion_generate(**inputs, return_dict_in_generate=True, **settings)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# One token per step (64 forwards) or 32 steps: the slow tier; the threshold configurations stay in the fast one.
+SLOW_CONFIGS = {"vanilla", "d2cache", "two-per-step"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CONFIGS else n for n in CONFIGS])
 def test_commit_steps_match_the_history_and_change_nothing(model, inputs, name):
     plain = generate(model, inputs, **CONFIGS[name])
     traced = generate(model, inputs, output_commit_steps=True, output_history=True, **CONFIGS[name])
@@ -65,6 +68,7 @@ def test_commit_steps_match_the_history_and_change_nothing(model, inputs, name):
     assert bool((second[committed_second] > first.max(-1).values[:, None].expand_as(second)[committed_second]).all())
 
 
+@pytest.mark.slow
 def test_one_token_per_step_commits_each_step_once(model, inputs):
     out = generate(model, inputs, output_commit_steps=True, eos_early_stop=False)
     for row in out.commit_steps:
@@ -93,6 +97,7 @@ class RecordingDiffusionStreamer(TextDiffusionStreamer):
         self.text = getattr(self, "text", "") + text
 
 
+@pytest.mark.slow
 def test_text_diffusion_streamer_gets_the_draft_after_the_settled_text(model, inputs, tokenizer):
     one = {k: v[:1] for k, v in inputs.items()}
     prompt_len = one["input_ids"].shape[1]
@@ -115,6 +120,7 @@ def test_text_diffusion_streamer_gets_the_draft_after_the_settled_text(model, in
     assert streamer.text.strip() == tokenizer.decode(out.sequences[0, prompt_len:]).strip()
 
 
+@pytest.mark.slow
 def test_iterator_streamer_yields_the_completion(model, inputs, tokenizer):
     one = {k: v[:1] for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -135,7 +141,7 @@ def test_one_row_streamers_refuse_a_batch(model, inputs, tokenizer):
                  num_return_sequences=2, temperature=0.5, do_sample=True)
 
 
-@pytest.mark.parametrize("name", ["vanilla", "dual"])
+@pytest.mark.parametrize("name", [pytest.param("vanilla", marks=pytest.mark.slow), "dual"])
 def test_canvas_streamer_sees_every_row_at_every_step(model, inputs, name):
     streamer = CanvasStreamer(mask_token_id=MASK, keep_frames=True)
     out = generate(model, inputs, streamer=streamer, output_commit_steps=True, **CONFIGS[name])
@@ -168,6 +174,7 @@ def test_canvas_streamer_waits_a_bounded_time():
         CanvasStreamer(mask_token_id=None)
 
 
+@pytest.mark.slow
 # ---------------------------------------------------------------------------------------------------- pictures
 def test_plot_compares_configurations_side_by_side(model, inputs, tokenizer, tmp_path):
     outputs = {name: generate(model, inputs, output_commit_steps=True, **CONFIGS[name])
@@ -215,6 +222,7 @@ def test_terminal_rendering(tokenizer):
     assert re.fullmatch(r"\(\d+, \d+, \d+\)", str(step_color(5, 10)))
 
 
+@pytest.mark.slow
 def test_the_trace_picture_example_runs(tmp_path):
     import subprocess
     import sys

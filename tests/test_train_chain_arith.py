@@ -73,6 +73,7 @@ def test_llada_from_qwen2_needs_qkv_bias(qwen2_folder):
         train.main(["--kind", "llada", "--out", "unused", "--init-from", str(qwen2_folder), *TINY])
 
 
+@pytest.mark.slow
 def test_train_resume_export(tmp_path, qwen2_folder, capsys):
     out = tmp_path / "run"
     common = ["--kind", "llada", "--out", str(out), "--init-from", str(qwen2_folder), "--qkv-bias",
@@ -104,6 +105,7 @@ def test_train_resume_export(tmp_path, qwen2_folder, capsys):
     assert not list(folder.glob("*.py"))  # loaded through the installed package
 
 
+@pytest.mark.slow
 def test_export_records_the_lineage_of_its_source(tmp_path, qwen2_folder, tokenizer):
     """A run initialised from a trained folder keeps that folder's log (and its own source's, nested), read before
     an export can overwrite the folder."""
