@@ -1,7 +1,8 @@
-"""Side by side with NVlabs Fast-dLLM v1 (`v1/llada/generate.py` at a9b81e4) on the same weights and prompts.
+"""Side by side with NVlabs Fast-dLLM v1's LLaDA code (`llada/generate.py`) on the same weights and prompts.
 
-Fast-dLLM's code is not part of this repository: pass the folder of a checkout (for example
-`git -C FAST_DLLM_CLONE archive a9b81e4 v1/llada | tar -x -C /tmp/fastdllm`, then `--fastdllm /tmp/fastdllm`).
+Fast-dLLM's code is not part of this repository: pass the folder of a checkout with `--fastdllm`. Both layouts
+work: `v1/llada/` (later snapshots, e.g. a9b81e4) and `llada/` (the first public snapshot, 24cc59e), for example
+`git -C FAST_DLLM_CLONE archive 24cc59e llada | tar -x -C SCRATCH/v1`, then `--fastdllm SCRATCH`.
 Its model class is loaded unmodified from that folder and given the shipped model's safetensors (its
 `from_pretrained` does not run on transformers v5, so the harness builds the model from its config and loads the
 state dict strictly; `use_cache` is set on its config, which v5 no longer defaults).
@@ -9,10 +10,11 @@ state dict strictly; `use_cache` is set on its config, which v5 no longer defaul
 For every chain-arith problem (batch 1, as Fast-dLLM's LLaDA functions run), each function pair is timed
 round-robin (`--repeats` passes, median): `generate` vs ours without cache, `generate_with_prefix_cache` vs
 `cache_implementation="prefix"`, `generate_with_dual_cache` vs `"dual"`, all with threshold 0.9, block 32, greedy,
-no early stop (Fast-dLLM has none). It checks that the output tokens and NFE are identical and prints our time
+no early stop (Fast-dLLM has none). It counts the problems with identical output tokens, and with identical tokens and
+NFE, and prints our time
 over theirs.
 
-    python benchmarks/fastdllm_side_by_side.py --fastdllm /tmp/fastdllm model_cards/tiny-llada-chain-arith \\
+    python benchmarks/fastdllm_side_by_side.py --fastdllm SCRATCH model_cards/tiny-llada-chain-arith \\
         --problems 20 --gen-length 256 --threads 2
 """
 
@@ -40,9 +42,11 @@ PAIRS = {  # name -> (Fast-dLLM function name, our cache_implementation)
 
 
 def load_fastdllm(checkout: Path, folder: Path):
-    source = checkout / "v1" / "llada"
-    if not (source / "generate.py").exists():
-        raise SystemExit(f"{source}/generate.py not found: pass the folder that holds Fast-dLLM's v1/llada")
+    candidates = [checkout / "v1" / "llada", checkout / "llada"]
+    source = next((c for c in candidates if (c / "generate.py").exists()), None)
+    if source is None:
+        raise SystemExit(f"no llada/generate.py under {checkout}: pass the folder of a Fast-dLLM checkout (it holds "
+                         "v1/llada/ or llada/)")
     sys.path.insert(0, str(source))
     import generate  # noqa: PLC0415  (Fast-dLLM's module, from the checkout)
     from model.configuration_llada import LLaDAConfig  # noqa: PLC0415
@@ -58,7 +62,7 @@ def load_fastdllm(checkout: Path, folder: Path):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a LLaDA model folder (e.g. model_cards/tiny-llada-chain-arith)")
-    parser.add_argument("--fastdllm", type=Path, required=True, help="folder holding Fast-dLLM's v1/llada")
+    parser.add_argument("--fastdllm", type=Path, required=True, help="a Fast-dLLM checkout (holding v1/llada/ or llada/)")
     parser.add_argument("--problems", type=int, default=20)
     parser.add_argument("--gen-length", type=int, default=256)
     parser.add_argument("--block-length", type=int, default=32)
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for name, (function, cache) in PAIRS.items():
         times = {"theirs": [], "ours": []}
-        identical, nfe = 0, {"theirs": 0, "ours": 0}
+        identical, same_tokens, nfe = 0, 0, {"theirs": 0, "ours": 0}
         for problem in dev_split(args.problems):
             ids = tokenizer([problem.prompt], return_tensors="pt").input_ids
             for repeat in range(args.repeats + 1):  # the first pass warms up and is not timed
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 if repeat:
                     times["theirs"].append(their_seconds)
                     times["ours"].append(our_seconds)
+            same_tokens += torch.equal(x, out.sequences)
             identical += torch.equal(x, out.sequences) and int(their_nfe) == out.nfe
             nfe["theirs"] += int(their_nfe)
             nfe["ours"] += out.nfe
@@ -105,20 +110,20 @@ def main(argv: list[str] | None = None) -> None:
                            for i in range(0, len(times["theirs"]), per_problem))
         ours_total = sum(statistics.median(times["ours"][i:i + per_problem])
                          for i in range(0, len(times["ours"]), per_problem))
-        rows[name] = {"identical": identical, "problems": args.problems, "nfe_theirs": nfe["theirs"],
+        rows[name] = {"identical": identical, "identical_tokens": same_tokens, "problems": args.problems, "nfe_theirs": nfe["theirs"],
                       "nfe_ours": nfe["ours"], "seconds_theirs": theirs_total, "seconds_ours": ours_total,
                       "ours_over_theirs": ours_total / theirs_total}
     print(f"Fast-dLLM v1 vs dlm-generation, {args.model.name}, {args.problems} chain-arith dev problems, batch 1, "
           f"gen {args.gen_length}, block {args.block_length}, threshold {args.threshold}, CPU float32, "
           f"{args.threads} threads, median of {args.repeats}; max |logit difference| of the two forwards: {logit_gap:.1e}")
-    print("| function | identical tokens and NFE | NFE (theirs / ours) | seconds (theirs / ours) | ours / theirs |")
-    print("|---|---|---|---|---|")
+    print("| function | identical tokens | identical tokens and NFE | NFE (theirs / ours) | seconds (theirs / ours) | ours / theirs |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['identical']}/{r['problems']} | {r['nfe_theirs']} / {r['nfe_ours']} | "
+        print(f"| {name} | {r['identical_tokens']}/{r['problems']} | {r['identical']}/{r['problems']} | {r['nfe_theirs']} / {r['nfe_ours']} | "
               f"{r['seconds_theirs']:.2f} / {r['seconds_ours']:.2f} | {r['ours_over_theirs']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args) | {"model": str(args.model),
-                                                                   "fastdllm": str(args.fastdllm),
+                                                                   "fastdllm": args.fastdllm.name,
                                                                    "json": str(args.json)},
                                          "logit_gap": logit_gap, "rows": rows}, indent=1) + "\n")
 
