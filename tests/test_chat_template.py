@@ -62,3 +62,19 @@ def test_the_cli_answers_a_bare_question(folder, capsys):
                      "--prompt", "Start with 63. Subtract 39. Add 46."]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("#### 42") and lines[1].endswith("#### 70"), lines
+
+
+def test_the_help_example_prints_the_right_answer(capsys, monkeypatch):
+    """`dlm-generate --help` ends with an example; run from the repository root it answers the question."""
+    import re
+    import shlex
+
+    from dlm_generation import cli
+
+    example = re.search(r"Example: (dlm-generate .*?) \(", " ".join(cli.build_parser().epilog.split()))
+    assert example, cli.build_parser().epilog
+    argv = shlex.split(example.group(1))[1:]
+    monkeypatch.chdir(ROOT)  # the example names model_cards/... relative to the repository root
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("63 - 39 = 24. 24 + 46 = 70. #### 70"), out
