@@ -97,6 +97,64 @@ def generated_lengths(completions: torch.Tensor, eos_token_id: int | list[int] |
     return torch.where(is_stop.any(-1), is_stop.long().argmax(-1) + 1, full)
 
 
+@dataclass
+class DecodeRules:
+    """What one `diffusion_generate` call decides once and every step reads: the resolved config and the objects
+    built from it (strategies keep per-block counters, reset by `begin_block`)."""
+
+    config: DiffusionGenerationConfig
+    strategies: Any
+    processors: LogitsProcessorList
+    criteria: StoppingCriteriaList
+    stop_ids: torch.Tensor
+    excluded_ids: torch.Tensor | None
+    draft_temperature: float
+    mask_id: int
+    mask_index: torch.Tensor  # (1,) the mask id, never proposed as a token
+    shift: int  # the model's logit shift (Dream 1: position i is read at i - 1)
+    block_length: int
+    num_blocks: int
+    steps_in_block: int
+    tokenizer: Any = None
+
+
+@dataclass
+class DecodeState:
+    """Everything a `diffusion_generate` call's denoising loop reads and changes, step after step.
+
+    The canvas (prompt + generated positions, mask ids where nothing is committed yet), the rows already finished,
+    the model inputs that stay fixed (padding mask, position ids, CFG's unconditional prompt), the cache and the AR
+    guide, the forward count, the recorders (history, confidences, commit steps, streamer) and the block in
+    progress: its index and span, the first position that can change (`window_start`), the step within it.
+    """
+
+    canvas: torch.Tensor
+    finished: torch.Tensor
+    prompt_len: int
+    padding_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    uncond_prompt: torch.Tensor | None
+    cache: DiffusionCache
+    guide: ARGuide | None = None
+    nfe: int = 0
+    # True once a forward gave non-finite logits at a position it could commit; computed on the device and read at
+    # the step's one host sync, so the check costs no extra synchronisation.
+    nonfinite: torch.Tensor | None = None
+    history: list | None = None
+    confidences: torch.Tensor | None = None
+    commit_steps: torch.Tensor | None = None
+    streamer: Any = None
+    streamed: int = 0
+    drafts: bool = False
+    full_drafts: bool = False
+    block: int = 0
+    block_start: int = 0
+    block_end: int = 0
+    window_start: int = 0
+    step: int = 0
+    max_steps: int = 0
+
+
 class DiffusionGenerationMixin(GenerationMixin):
     """Adds `diffusion_generate()` and a pipeline-compatible `generate()` to a masked-diffusion LM."""
 
@@ -123,7 +181,8 @@ class DiffusionGenerationMixin(GenerationMixin):
            validate it; unknown kwargs raise.
         2. Build the canvas: prompt followed by `max_new_tokens` mask ids, padding mask and position ids.
         3. Turn strings into objects: schedule, commit policy, cache, logits processors, stopping criteria.
-        4. For each block, until it has no eligible masks (masks before the block end, in unfinished rows):
+        4. For each block (`_begin_block`), until it has no eligible masks (masks before the block end, in
+           unfinished rows), one denoising step (`_denoising_step`, on the call's `DecodeState` and `DecodeRules`):
            4.1 ask the cache which positions this step runs; run the model on them and read the logits of the
                positions that can change and have fresh logits;
            4.2 apply the model's logit shift, classifier-free guidance and the logits processors;
@@ -207,127 +266,42 @@ class DiffusionGenerationMixin(GenerationMixin):
             guide = ARGuide(assistant_model, guidance, canvas, padding_mask, mask_id, stop_ids, hidden_ids)
             cache.guided_frontier = guidance["verify_chunk"]
         draft_temperature = config.temperature if guide is None else guidance["draft_temperature"]
-        history = [] if config.output_history else None
-        confidences = canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32) if config.output_confidences else None
-        commit_steps = canvas.new_zeros((batch, config.max_new_tokens)) if config.output_commit_steps else None
-        nfe = 0
-        if streamer is not None:
-            streamer.put(given_prompt.cpu())
-        streamed = prompt_len
-        full_drafts = drafts and getattr(streamer, "supports_batch", False)
-
-        # 4. the denoising loop
         block_length = config.block_length or config.max_new_tokens
         num_blocks = config.max_new_tokens // block_length
-        steps_in_block = config.steps // num_blocks
-        shift = self.diffusion_logits_shift
-        # True once a forward gave non-finite logits at a position it could commit; computed on the device and read
-        # at the step's one host sync below, so the check costs no extra synchronisation.
-        nonfinite = torch.zeros((), dtype=torch.bool, device=canvas.device)
-        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=shift)
+        rules = DecodeRules(
+            config=config, strategies=strategies, processors=processors, criteria=criteria, stop_ids=stop_ids,
+            excluded_ids=excluded_ids, draft_temperature=draft_temperature, mask_id=mask_id, mask_index=mask_index,
+            shift=self.diffusion_logits_shift, block_length=block_length, num_blocks=num_blocks,
+            steps_in_block=config.steps // num_blocks, tokenizer=tokenizer,
+        )
+        state = DecodeState(
+            canvas=canvas, finished=finished, prompt_len=prompt_len, padding_mask=padding_mask,
+            position_ids=position_ids, uncond_prompt=uncond_prompt, cache=cache, guide=guide,
+            nonfinite=torch.zeros((), dtype=torch.bool, device=canvas.device),
+            history=[] if config.output_history else None,
+            confidences=canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32)
+            if config.output_confidences else None,
+            commit_steps=canvas.new_zeros((batch, config.max_new_tokens)) if config.output_commit_steps else None,
+            streamer=streamer, streamed=prompt_len, drafts=drafts,
+            full_drafts=drafts and getattr(streamer, "supports_batch", False),
+        )
+        if streamer is not None:
+            streamer.put(given_prompt.cpu())
+
+        # 4. the denoising loop: blocks in order, each stepped until it has no eligible masks
+        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=rules.shift)
         try:
             for block in range(num_blocks):
-                block_end = prompt_len + (block + 1) * block_length
-                is_mask = canvas[:, :block_end] == mask_id
-                eligible_counts = (is_mask & ~finished[:, None]).sum(-1)
-                if not bool((eligible_counts > 0).any()):
-                    continue
-                # The positions that can change in this block: from the first eligible mask to the block end.
-                window_start = int(is_mask.any(0).nonzero()[0])
-                strategies.schedule.begin_block(eligible_counts, steps_in_block)
-                strategies.policy.begin_block(eligible_counts, steps_in_block)
-                block_start = block_end - block_length
-                cache.begin_block(block_start, block_end)
-                step = 0
-                # Every policy commits at least one token per row within its step budget, so this bound is never
-                # reached; it turns a future policy bug into an error instead of a hang.
-                max_steps = steps_in_block + (block_end - window_start)
-                while True:
-                    block_masks = (canvas[:, window_start:block_end] == mask_id) & ~finished[:, None]
-                    masks_left, broken = torch.stack([block_masks.any(), nonfinite]).tolist()
-                    if broken:  # the forward just run (number `nfe`)
-                        raise self._nonfinite_logits_error(nfe, block, num_blocks)
-                    if not masks_left:
-                        break
-                    plan = cache.plan_step(canvas, step)
-                    # The positions whose logits this forward computes (a shifted model reads position i at i - 1).
-                    step_start = max(window_start, plan.query_start + shift)
-                    step_end = min(block_end, plan.query_end + shift)
-                    window = canvas[:, step_start:step_end]
-                    eligible = block_masks[:, step_start - window_start : step_end - window_start]
-                    if plan.row_queries is not None:  # each row commits only where its own logits are fresh
-                        sources = torch.arange(step_start, step_end, device=canvas.device) - shift - plan.query_start
-                        eligible = eligible & plan.row_queries[:, sources]
-                    remaining = eligible.sum(-1)
-                    if step >= max_steps:
-                        raise RuntimeError(
-                            f"diffusion_generate made no progress: block {block} still has masked positions after"
-                            f" {step} steps (alg={config.alg!r}, threshold={config.threshold}, factor={config.factor})."
-                            " Please report this with the configuration."
-                        )
-                    # 4.1-4.2 logits of the window
-                    logits = self._window_logits(
-                        canvas, padding_mask, position_ids, uncond_prompt, cache, plan, step_start, step_end, config
-                    )
-                    nfe += 1
-                    # A row's maximum logit is NaN or +inf when any logit is NaN or +inf (or all are -inf).
-                    nonfinite = (~torch.isfinite(logits.amax(-1)) & eligible).any()
-                    for processor in processors:
-                        logits = processor(canvas, logits)
-                    # 4.3 proposals
-                    proposal = propose_tokens(
-                        logits, strategies.alg, draft_temperature, config.top_k, config.top_p, excluded_ids, mask_index,
-                        need_probability=cache.needs_token_probability,
-                    )
-                    scores = cache.rescore(proposal.confidence, proposal.probability, canvas, step_start, step_end)
-                    confidence = torch.where(eligible, scores, NEG_INF)
-                    # 4.4 commit
-                    ctx = StepContext(
-                        step=step,
-                        count=strategies.schedule.count(step, remaining),
-                        remaining=remaining,
-                        schedule=strategies.schedule,
-                    )
-                    tokens = proposal.tokens
-                    if guide is None:
-                        commit = strategies.policy.select(confidence, eligible, ctx)
-                    else:  # the guide's acceptance rule is the commit policy (and may write its own tokens)
-                        commit, tokens = guide.select(canvas, tokens, eligible, step_start)
-                    unseen_later = cache.settled_before() + shift  # later steps of this block see no logits left of it
-                    if unseen_later > step_start:
-                        # A row with masks there commits exactly those now (its only chance), greedily or as drawn.
-                        forced = eligible & (torch.arange(step_start, step_end, device=canvas.device) < unseen_later)
-                        if guide is None:
-                            commit = torch.where(forced.any(-1, keepdim=True), forced, commit)
-                        else:  # the guide's commits start at the first mask, so they stay contiguous
-                            commit = commit | forced
-                    canvas[:, step_start:step_end] = torch.where(commit, tokens, window)
-                    if confidences is not None:
-                        seen = confidences[:, step_start:step_end]
-                        confidences[:, step_start:step_end] = torch.where(commit, proposal.confidence.float(), seen)
-                    cache.end_step(StepOutcome(canvas, step_start, step_end, eligible, commit, proposal.probability))
-                    step += 1
-                    # 4.5 finished rows
-                    finished = self._update_finished(canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer)
-                    if history is not None:
-                        history.append(canvas.clone())
-                    if commit_steps is not None:
-                        settled_now = (commit_steps == 0) & (canvas[:, prompt_len:] != mask_id)
-                        commit_steps.masked_fill_(settled_now, nfe)
-                    if streamer is not None and batch == 1:
-                        streamed = self._stream_settled(streamer, canvas, streamed, mask_id)
-                    if drafts:  # a one-row streamer's draft follows its settled text; a batch streamer sees it all
-                        streamer.put_draft(canvas[:, prompt_len if full_drafts else streamed:].cpu())
-                    # Finished rows have no eligible masks, so the check at the top of the loop (the step's only host
-                    # sync, which also reads this step's non-finite flag) ends the block, and every later block, once
-                    # all rows are finished.
-
+                if self._begin_block(state, rules, block):
+                    while self._denoising_step(state, rules):
+                        pass
         finally:
             cache.end_generation()
 
         # 5. outputs
         if streamer is not None:
             streamer.end()
+        canvas, nfe, guide = state.canvas, state.nfe, state.guide
         sequences = canvas
         if given_prompt is not input_ids:  # padding that held the mask id is returned as given
             padding = ~attention_mask.bool()
@@ -338,10 +312,10 @@ class DiffusionGenerationMixin(GenerationMixin):
             sequences=sequences,
             nfe=nfe,
             tokens_per_forward=generated_lengths(canvas[:, prompt_len:], stop_ids).to(torch.float32) / max(nfe, 1),
-            history=history,
-            confidences=None if confidences is None else confidences[:, prompt_len:],
+            history=state.history,
+            confidences=None if state.confidences is None else state.confidences[:, prompt_len:],
             assistant_forwards=None if guide is None else guide.forwards,
-            commit_steps=commit_steps,
+            commit_steps=state.commit_steps,
         )
 
     def generate(self, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None,
@@ -358,6 +332,116 @@ class DiffusionGenerationMixin(GenerationMixin):
             inputs, generation_config=generation_config, logits_processor=logits_processor,
             stopping_criteria=stopping_criteria, streamer=streamer, **kwargs,
         )
+
+    # --------------------------------------------------------------------------------------- 4. the loop
+    def _begin_block(self, state: DecodeState, rules: DecodeRules, block: int) -> bool:
+        """Start block `block`: False when no unfinished row has a mask before its end (nothing to decode)."""
+        block_end = state.prompt_len + (block + 1) * rules.block_length
+        is_mask = state.canvas[:, :block_end] == rules.mask_id
+        eligible_counts = (is_mask & ~state.finished[:, None]).sum(-1)
+        if not bool((eligible_counts > 0).any()):
+            return False
+        # The positions that can change in this block: from the first eligible mask to the block end.
+        state.window_start = int(is_mask.any(0).nonzero()[0])
+        rules.strategies.schedule.begin_block(eligible_counts, rules.steps_in_block)
+        rules.strategies.policy.begin_block(eligible_counts, rules.steps_in_block)
+        state.block, state.block_start, state.block_end = block, block_end - rules.block_length, block_end
+        state.cache.begin_block(state.block_start, block_end)
+        state.step = 0
+        # Every policy commits at least one token per row within its step budget, so this bound is never reached;
+        # it turns a future policy bug into an error instead of a hang.
+        state.max_steps = rules.steps_in_block + (block_end - state.window_start)
+        return True
+
+    def _denoising_step(self, state: DecodeState, rules: DecodeRules) -> bool:
+        """One denoising step of the block in progress (4.1-4.5): one forward, then commits. False, without a
+        forward, once the block has no eligible masks left."""
+        config, cache, guide = rules.config, state.cache, state.guide
+        canvas, window_start, block_end, shift = state.canvas, state.window_start, state.block_end, rules.shift
+        block_masks = (canvas[:, window_start:block_end] == rules.mask_id) & ~state.finished[:, None]
+        masks_left, broken = torch.stack([block_masks.any(), state.nonfinite]).tolist()  # the step's one host sync
+        if broken:  # the forward just run (number `nfe`)
+            raise self._nonfinite_logits_error(state.nfe, state.block, rules.num_blocks)
+        if not masks_left:
+            return False
+        plan = cache.plan_step(canvas, state.step)
+        # The positions whose logits this forward computes (a shifted model reads position i at i - 1).
+        step_start = max(window_start, plan.query_start + shift)
+        step_end = min(block_end, plan.query_end + shift)
+        window = canvas[:, step_start:step_end]
+        eligible = block_masks[:, step_start - window_start : step_end - window_start]
+        if plan.row_queries is not None:  # each row commits only where its own logits are fresh
+            sources = torch.arange(step_start, step_end, device=canvas.device) - shift - plan.query_start
+            eligible = eligible & plan.row_queries[:, sources]
+        remaining = eligible.sum(-1)
+        if state.step >= state.max_steps:
+            raise RuntimeError(
+                f"diffusion_generate made no progress: block {state.block} still has masked positions after"
+                f" {state.step} steps (alg={config.alg!r}, threshold={config.threshold}, factor={config.factor})."
+                " Please report this with the configuration."
+            )
+        # 4.1-4.2 logits of the window
+        logits = self._window_logits(
+            canvas, state.padding_mask, state.position_ids, state.uncond_prompt, cache, plan, step_start, step_end,
+            config,
+        )
+        state.nfe += 1
+        # A row's maximum logit is NaN or +inf when any logit is NaN or +inf (or all are -inf).
+        state.nonfinite = (~torch.isfinite(logits.amax(-1)) & eligible).any()
+        for processor in rules.processors:
+            logits = processor(canvas, logits)
+        # 4.3 proposals
+        proposal = propose_tokens(
+            logits, rules.strategies.alg, rules.draft_temperature, config.top_k, config.top_p, rules.excluded_ids,
+            rules.mask_index, need_probability=cache.needs_token_probability,
+        )
+        scores = cache.rescore(proposal.confidence, proposal.probability, canvas, step_start, step_end)
+        confidence = torch.where(eligible, scores, NEG_INF)
+        # 4.4 commit
+        schedule = rules.strategies.schedule
+        ctx = StepContext(step=state.step, count=schedule.count(state.step, remaining), remaining=remaining,
+                          schedule=schedule)
+        tokens = proposal.tokens
+        if guide is None:
+            commit = rules.strategies.policy.select(confidence, eligible, ctx)
+        else:  # the guide's acceptance rule is the commit policy (and may write its own tokens)
+            commit, tokens = guide.select(canvas, tokens, eligible, step_start)
+        unseen_later = cache.settled_before() + shift  # later steps of this block see no logits left of it
+        if unseen_later > step_start:
+            # A row with masks there commits exactly those now (its only chance), greedily or as drawn.
+            forced = eligible & (torch.arange(step_start, step_end, device=canvas.device) < unseen_later)
+            if guide is None:
+                commit = torch.where(forced.any(-1, keepdim=True), forced, commit)
+            else:  # the guide's commits start at the first mask, so they stay contiguous
+                commit = commit | forced
+        canvas[:, step_start:step_end] = torch.where(commit, tokens, window)
+        if state.confidences is not None:
+            seen = state.confidences[:, step_start:step_end]
+            state.confidences[:, step_start:step_end] = torch.where(commit, proposal.confidence.float(), seen)
+        cache.end_step(StepOutcome(canvas, step_start, step_end, eligible, commit, proposal.probability))
+        state.step += 1
+        # 4.5 finished rows
+        state.finished = self._update_finished(canvas, state.finished, state.prompt_len, rules.stop_ids,
+                                               rules.criteria, config, rules.tokenizer)
+        self._record_step(state, rules)
+        # Finished rows have no eligible masks, so the check at the top of the next step (the step's only host sync,
+        # which also reads this step's non-finite flag) ends the block, and every later block, once all rows are
+        # finished.
+        return True
+
+    def _record_step(self, state: DecodeState, rules: DecodeRules) -> None:
+        """After a step: history, commit steps and the streamer's settled text and draft."""
+        canvas, prompt_len = state.canvas, state.prompt_len
+        if state.history is not None:
+            state.history.append(canvas.clone())
+        if state.commit_steps is not None:
+            settled_now = (state.commit_steps == 0) & (canvas[:, prompt_len:] != rules.mask_id)
+            state.commit_steps.masked_fill_(settled_now, state.nfe)
+        streamer = state.streamer
+        if streamer is not None and canvas.shape[0] == 1:
+            state.streamed = self._stream_settled(streamer, canvas, state.streamed, rules.mask_id)
+        if state.drafts:  # a one-row streamer's draft follows its settled text; a batch streamer sees it all
+            streamer.put_draft(canvas[:, prompt_len if state.full_drafts else state.streamed:].cpu())
 
     # ------------------------------------------------------------------------------------------ 1. config
     def _prepare_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict,
