@@ -143,3 +143,58 @@ def masked_diffusion_loss(model, prompts: list[list[int]], completions: list[lis
     weights = weights * masked
     row_loss = (token_loss.view(batch, -1) * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
     return row_loss[weights.sum(1) > 0].mean()
+
+
+# ------------------------------------------------------------------------------------------ block diffusion
+def block_diffusion_attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
+    """Fast-dLLM v2's training mask over `[x_t ; x_0]` (2 * `length` positions), True where a query may attend.
+
+    Inside a block, noisy tokens attend to the noisy block and clean tokens to the clean block (bidirectional);
+    noisy tokens of block k also see the clean tokens of blocks < k, and clean tokens of block k the clean tokens of
+    blocks <= k. Noisy tokens never see another block's noisy tokens, and clean tokens never see noisy ones.
+    Shape (1, 1, 2 * length, 2 * length), for a transformers model's 4-D `attention_mask`.
+    """
+    index = torch.arange(2 * length, device=device)
+    clean = index >= length
+    block = (index - length * clean) // block_size
+    q_block, kv_block = block[:, None], block[None, :]
+    q_clean, kv_clean = clean[:, None], clean[None, :]
+    same_stream_block = (q_block == kv_block) & (q_clean == kv_clean)
+    noisy_sees_earlier_clean = (q_block > kv_block) & kv_clean & ~q_clean
+    clean_sees_clean = (q_block >= kv_block) & kv_clean & q_clean
+    return (same_stream_block | noisy_sees_earlier_clean | clean_sees_clean)[None, None]
+
+
+def block_diffusion_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, mask_token_id: int, block_size: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fast-dLLM v2's block-diffusion loss for a causal LM (e.g. transformers' `Qwen2ForCausalLM`).
+
+    `input_ids` (batch, length) hold whole samples, `length` a multiple of `block_size` (pad with the mask id);
+    `labels` the same tokens with -100 where nothing is learned (prompt, padding). Each block draws a masking rate
+    t ~ U(0, 1) and each label position is masked with probability t (the prompt never). The model reads the noisy
+    sequence followed by the clean one, `[x_t ; x_0]`, both at positions 0..length-1, under
+    `block_diffusion_attention_mask`; the complementary view (the positions the first one left unmasked) is a second
+    row, so every label position is learned exactly once per sample. The loss is the token shift of an AR model: the
+    logits of the noisy stream at position i - 1 predict the masked token at position i; cross-entropy averaged over
+    the masked positions, without 1/t weighting.
+    """
+    batch, length = input_ids.shape
+    if length % block_size:
+        raise ValueError(f"input length {length} is not a multiple of block_size {block_size}; pad with the mask id")
+    device = input_ids.device
+    learned = labels != -100
+    rate = torch.rand(batch, length // block_size, generator=generator, device=device)
+    rate = ((1 - 1e-3) * rate + 1e-3).repeat_interleave(block_size, dim=1)
+    masked = (torch.rand(batch, length, generator=generator, device=device) < rate) & learned
+    views, targets = [], []
+    for view in (masked, ~masked & learned):
+        noisy = torch.where(view, torch.full_like(input_ids, mask_token_id), input_ids)
+        views.append(torch.cat([noisy, input_ids], dim=1))
+        targets.append(torch.where(view, labels, torch.full_like(labels, -100)))
+    ids, targets = torch.cat(views), torch.cat(targets)
+    positions = torch.arange(length, device=device).repeat(2)[None].expand(ids.shape[0], -1)
+    attention = block_diffusion_attention_mask(length, block_size, device)
+    logits = model(input_ids=ids, attention_mask=attention.expand(ids.shape[0], -1, -1, -1),
+                   position_ids=positions).logits[:, :length]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1),
+                           ignore_index=-100)
