@@ -417,3 +417,18 @@ def test_build_strategies_picks_the_schedule():
     assert type(build_strategies(config()).schedule) is LinearSchedule
     eps = build_strategies(config(schedule="eps", eps=0.25)).schedule
     assert type(eps) is EpsSchedule and eps.eps == 0.25
+
+
+def test_the_policy_commit_rule_writes_the_proposals_and_forced_positions_replace_a_rows_choice():
+    from dlm_generation.diffusion_strategies import PolicyCommitRule, TopKPolicy
+
+    rule = PolicyCommitRule(TopKPolicy())
+    confidence = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.3]])
+    eligible = torch.ones(2, 3, dtype=torch.bool)
+    tokens = torch.tensor([[7, 8, 9], [4, 5, 6]])
+    ctx = StepContext(step=0, count=torch.tensor([1, 1]), remaining=torch.tensor([3, 3]), schedule=LinearSchedule())
+    commit, written = rule.choose(torch.zeros(2, 3, dtype=torch.long), tokens, confidence, eligible, ctx, 0)
+    assert commit.tolist() == [[False, True, False], [True, False, False]] and written is tokens
+    forced = torch.tensor([[True, False, False], [False, False, False]])
+    merged = rule.merge_forced(commit, forced)
+    assert merged.tolist() == [[True, False, False], [True, False, False]]  # row 0: the forced position only

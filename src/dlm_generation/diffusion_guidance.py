@@ -217,6 +217,17 @@ class ARGuide:
             accepted = greedy == drafted
         return accepted & in_vocab, greedy
 
+    # The commit-rule protocol of a denoising step (diffusion_strategies.PolicyCommitRule): the guide's acceptance
+    # rule decides, and may write its own tokens.
+    def choose(self, canvas: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor, eligible: torch.Tensor,
+               ctx, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.select(canvas, tokens, eligible, start)
+
+    def merge_forced(self, commit: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """Forced positions join the accepted run (guided commits start at the first mask, so they stay
+        contiguous)."""
+        return commit | forced
+
     def select(self, canvas: torch.Tensor, tokens: torch.Tensor, eligible: torch.Tensor,
                start: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = tokens.shape

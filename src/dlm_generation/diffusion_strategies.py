@@ -261,6 +261,26 @@ class OriginPolicy(CommitPolicy):
         return eligible & (draw < ctx.schedule.reveal_fraction(ctx.step, ctx.remaining)[:, None])
 
 
+class PolicyCommitRule:
+    """The commit rule of an unguided call: the config's policy picks positions and the proposed tokens are written.
+
+    A commit rule is what a denoising step asks which positions to commit, with which tokens (`choose`), and how
+    positions the step must commit now are merged into that choice (`merge_forced`). AR guidance brings its own rule
+    (`diffusion_guidance.ARGuide`), so the step is the same with and without a guide.
+    """
+
+    def __init__(self, policy: CommitPolicy):
+        self.policy = policy
+
+    def choose(self, canvas: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor, eligible: torch.Tensor,
+               ctx: StepContext, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy.select(confidence, eligible, ctx), tokens
+
+    def merge_forced(self, commit: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """A row with forced positions commits exactly those (its only chance to fill them), nothing else."""
+        return torch.where(forced.any(-1, keepdim=True), forced, commit)
+
+
 # ---------------------------------------------------------------------------------------------------- assembly
 @dataclass
 class Strategies:

@@ -36,7 +36,7 @@ from .configuration_diffusion import (
 from .diffusion_cache import DiffusionCache, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_guidance import ARGuide, check_shared_vocabulary, resolve_guidance_config
-from .diffusion_strategies import NEG_INF, StepContext, build_strategies, propose_tokens
+from .diffusion_strategies import NEG_INF, PolicyCommitRule, StepContext, build_strategies, propose_tokens
 
 MODEL_INPUT_NAMES = {"input_ids", "attention_mask", "tokenizer", "assistant_tokenizer"}
 # Arguments that pipelines and upstream `generate` callers pass and that have no effect on diffusion decoding.
@@ -111,6 +111,7 @@ class DecodeRules:
     draft_temperature: float
     mask_id: int
     mask_index: torch.Tensor  # (1,) the mask id, never proposed as a token
+    commit_rule: Any  # which positions a step commits, with which tokens: the policy's rule, or the AR guide
     shift: int  # the model's logit shift (Dream 1: position i is read at i - 1)
     block_length: int
     num_blocks: int
@@ -271,6 +272,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         rules = DecodeRules(
             config=config, strategies=strategies, processors=processors, criteria=criteria, stop_ids=stop_ids,
             excluded_ids=excluded_ids, draft_temperature=draft_temperature, mask_id=mask_id, mask_index=mask_index,
+            commit_rule=PolicyCommitRule(strategies.policy) if guide is None else guide,
             shift=self.diffusion_logits_shift, block_length=block_length, num_blocks=num_blocks,
             steps_in_block=config.steps // num_blocks, tokenizer=tokenizer,
         )
@@ -356,7 +358,7 @@ class DiffusionGenerationMixin(GenerationMixin):
     def _denoising_step(self, state: DecodeState, rules: DecodeRules) -> bool:
         """One denoising step of the block in progress (4.1-4.5): one forward, then commits. False, without a
         forward, once the block has no eligible masks left."""
-        config, cache, guide = rules.config, state.cache, state.guide
+        config, cache = rules.config, state.cache
         canvas, window_start, block_end, shift = state.canvas, state.window_start, state.block_end, rules.shift
         block_masks = (canvas[:, window_start:block_end] == rules.mask_id) & ~state.finished[:, None]
         masks_left, broken = torch.stack([block_masks.any(), state.nonfinite]).tolist()  # the step's one host sync
@@ -401,19 +403,12 @@ class DiffusionGenerationMixin(GenerationMixin):
         schedule = rules.strategies.schedule
         ctx = StepContext(step=state.step, count=schedule.count(state.step, remaining), remaining=remaining,
                           schedule=schedule)
-        tokens = proposal.tokens
-        if guide is None:
-            commit = rules.strategies.policy.select(confidence, eligible, ctx)
-        else:  # the guide's acceptance rule is the commit policy (and may write its own tokens)
-            commit, tokens = guide.select(canvas, tokens, eligible, step_start)
+        commit, tokens = rules.commit_rule.choose(canvas, proposal.tokens, confidence, eligible, ctx, step_start)
         unseen_later = cache.settled_before() + shift  # later steps of this block see no logits left of it
         if unseen_later > step_start:
-            # A row with masks there commits exactly those now (its only chance), greedily or as drawn.
+            # Masks there get no fresh logits later in this block: they are committed now, greedily or as drawn.
             forced = eligible & (torch.arange(step_start, step_end, device=canvas.device) < unseen_later)
-            if guide is None:
-                commit = torch.where(forced.any(-1, keepdim=True), forced, commit)
-            else:  # the guide's commits start at the first mask, so they stay contiguous
-                commit = commit | forced
+            commit = rules.commit_rule.merge_forced(commit, forced)
         canvas[:, step_start:step_end] = torch.where(commit, tokens, window)
         if state.confidences is not None:
             seen = state.confidences[:, step_start:step_end]
