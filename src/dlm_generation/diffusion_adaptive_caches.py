@@ -59,8 +59,8 @@ class DLLMCache(DiffusionCache):
     }
 
     # ----------------------------------------------------------------------------------------- loop side
-    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
-        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
+    def begin_generation(self, canvas, attention_mask, mask_token_id, **details):
+        super().begin_generation(canvas, attention_mask, mask_token_id, **details)
         self.forwards = torch.zeros(canvas.shape[0], dtype=torch.long, device=canvas.device)
         self.kv = LayerKVStore()
         self.outputs: dict[tuple[int, str], torch.Tensor] = {}
@@ -234,8 +234,8 @@ class D2Cache(DiffusionCache):
     needs_token_probability = True
 
     # ----------------------------------------------------------------------------------------- loop side
-    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
-        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
+    def begin_generation(self, canvas, attention_mask, mask_token_id, **details):
+        super().begin_generation(canvas, attention_mask, mask_token_id, **details)
         self.kv = LayerKVStore()
         self.attention: dict[int, torch.Tensor] = {}
         self.chosen: torch.Tensor | None = None  # (batch, length): positions the next step recomputes

@@ -107,8 +107,8 @@ class DiffusionCache:
     # Capabilities (the loop and the model read these flags; they never ask for a cache's type):
     needs_attention_weights = False  # attention hands the head-averaged weights to `observe_attention`
     needs_token_probability = False  # StepOutcome.probability is filled for every scorer (alg)
-    # Set by the loop for AR-guided decoding: guided rows commit left to right from their first mask, so a cache that
-    # chooses which masked positions to compute must include each row's first `guided_frontier` masked positions.
+    # Given to begin_generation for AR-guided decoding: guided rows commit left to right from their first mask, so a
+    # cache that chooses which masked positions to compute must include each row's first `guided_frontier` masks.
     guided_frontier = 0
 
     # Settings: the `cache_config` keys this cache accepts with their defaults, other names accepted for them, and
@@ -146,10 +146,12 @@ class DiffusionCache:
 
     # ----------------------------------------------------------------------------------------- loop side
     def begin_generation(self, canvas: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int,
-                         prompt_length: int | None = None, logits_shift: int = 0) -> None:
+                         prompt_length: int | None = None, logits_shift: int = 0, guided_frontier: int = 0) -> None:
         """Called once before the first step, with the initial canvas (batch, length), the padding mask (or None),
-        the mask id, the (left-padded) prompt length (positions from it on are generated) and the model's logit
-        shift (1 for Dream: position i's prediction is read at i - 1)."""
+        the mask id, the (left-padded) prompt length (positions from it on are generated), the model's logit
+        shift (1 for Dream: position i's prediction is read at i - 1) and, for an AR-guided call, the guide's
+        `verify_chunk` as `guided_frontier` (0 unguided; see the class attribute)."""
+        self.guided_frontier = guided_frontier
         self.canvas_length = canvas.shape[1]
         self.prompt_length = canvas.shape[1] if prompt_length is None else prompt_length
         self.logits_shift = logits_shift

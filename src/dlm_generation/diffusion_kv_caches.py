@@ -29,8 +29,8 @@ from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, is_int
 class CanvasKVCache(DiffusionCache):
     """Per-layer keys and values of the whole canvas; subclasses choose the query range of the block's steps."""
 
-    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
-        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
+    def begin_generation(self, canvas, attention_mask, mask_token_id, **details):
+        super().begin_generation(canvas, attention_mask, mask_token_id, **details)
         self.kv = LayerKVStore()
         self.current = CacheStep(0, self.canvas_length, self.canvas_length)
 
@@ -90,8 +90,8 @@ class FreeCache(CanvasKVCache):
                          "a positive integer (or None: every remaining position)"),
     }
 
-    def begin_generation(self, canvas, attention_mask, mask_token_id, prompt_length=None, logits_shift=0):
-        super().begin_generation(canvas, attention_mask, mask_token_id, prompt_length, logits_shift)
+    def begin_generation(self, canvas, attention_mask, mask_token_id, **details):
+        super().begin_generation(canvas, attention_mask, mask_token_id, **details)
         self.window_left = self.cache_config["window_left"]
         self.window_right = self.cache_config["window_right"]
         self.started = False

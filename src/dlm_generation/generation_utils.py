@@ -262,10 +262,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         excluded_ids = stop_ids if config.confidence_eos_eot_inf and stop_ids.numel() else None
         finished = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         guide = None
-        cache.guided_frontier = 0
         if guidance is not None:
             guide = ARGuide(assistant_model, guidance, canvas, padding_mask, mask_id, stop_ids, hidden_ids)
-            cache.guided_frontier = guidance["verify_chunk"]
         draft_temperature = config.temperature if guide is None else guidance["draft_temperature"]
         block_length = config.block_length or config.max_new_tokens
         num_blocks = config.max_new_tokens // block_length
@@ -291,7 +289,8 @@ class DiffusionGenerationMixin(GenerationMixin):
             streamer.put(given_prompt.cpu())
 
         # 4. the denoising loop: blocks in order, each stepped until it has no eligible masks
-        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=rules.shift)
+        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=rules.shift,
+                               guided_frontier=0 if guide is None else guidance["verify_chunk"])
         try:
             for block in range(num_blocks):
                 if self._begin_block(state, rules, block):
