@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dlm_generation.tasks.chain_arith import accuracy, dev_split, train_problems
-from dlm_generation.training import block_diffusion_loss
+from dlm_generation.training import block_diffusion_loss, warmup_cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 AR_MODEL = ROOT / "model_cards" / "tiny-ar-chain-arith"
@@ -113,10 +113,7 @@ def evaluate(model, tokenizer, problems, args) -> dict:
 def learning_rate(step: int, args, rewarm_from: int | None = None) -> float:
     """Linear warm-up, then cosine decay to --min-lr at --steps; warmed up again from `rewarm_from` (a resume with
     a fresh optimizer)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    rate = args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+    rate = warmup_cosine_lr(step, args.lr, args.min_lr, args.warmup, args.steps)
     if rewarm_from is not None and step - rewarm_from < args.warmup:
         rate *= (step - rewarm_from + 1) / args.warmup
     return rate

@@ -59,6 +59,7 @@ from dlm_generation.training import (  # noqa: F401  (BLOCK_LENGTHS, PAD_WEIGHT,
     decode_state_mask,
     masked_diffusion_loss,
     result_positions,
+    warmup_cosine_lr,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,10 +294,7 @@ def evaluate(model, tokenizer, kind: str, problems, gen_length: int, block_lengt
 
 # ------------------------------------------------------------------------------------------------------ training
 def learning_rate(step: int, args: argparse.Namespace) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+    return warmup_cosine_lr(step, args.lr, args.min_lr, args.warmup, args.steps)
 
 
 # The shipped generation_config.json of each model (README "The chain-arith models"); a guidance= call drops the

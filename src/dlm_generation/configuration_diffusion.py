@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import GenerationConfig
 
+from .diffusion_cache import is_int, is_number
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES, KNOWN_CACHE_IMPLEMENTATIONS
 from .diffusion_guidance import resolve_guidance_config
 
@@ -89,14 +90,6 @@ UNSUPPORTED_AR_FIELDS: dict[str, tuple[Any, str]] = {
     "bad_words_ids": (None, "pass a SuppressTokensLogitsProcessor through logits_processor instead"),
     "suppress_tokens": (None, "pass a SuppressTokensLogitsProcessor through logits_processor instead"),
 }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def translate_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -180,12 +173,12 @@ class DiffusionGenerationConfig(GenerationConfig):
 
         def positive_int(name: str) -> None:
             value = getattr(self, name, None)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 errors.append(f"{name} must be a positive integer, got {value!r}.")
 
         def non_negative(name: str) -> None:
             value = getattr(self, name, None)
-            if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+            if value is not None and (not is_number(value) or not 0 <= value < math.inf):
                 errors.append(f"{name} must be a finite number >= 0, got {value!r}.")
 
         def boolean(name: str) -> None:
@@ -196,12 +189,12 @@ class DiffusionGenerationConfig(GenerationConfig):
         def token_id(name: str) -> None:
             value = getattr(self, name, None)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if value is not None and not all(_is_int(v) and v >= 0 for v in values):
+            if value is not None and not all(is_int(v) and v >= 0 for v in values):
                 errors.append(f"{name} must be a non-negative token id (or a list of them), got {value!r}.")
 
         for name in ("steps", "max_new_tokens", "max_length", "top_k", "num_return_sequences"):
             positive_int(name)
-        block_ok = self.block_length is None or (_is_int(self.block_length) and self.block_length > 0)
+        block_ok = self.block_length is None or (is_int(self.block_length) and self.block_length > 0)
         if not block_ok:
             errors.append(
                 f"block_length must be a positive integer that divides max_new_tokens (e.g. 32), or None for a single "
@@ -220,13 +213,13 @@ class DiffusionGenerationConfig(GenerationConfig):
             errors.append(f"alg={self.alg!r} is unknown; choose one of {ALGS}.")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             errors.append(f"schedule={self.schedule!r} is unknown; choose one of {SCHEDULES}.")
-        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
             errors.append(f"top_p must be in (0, 1], got {self.top_p!r}; use None to disable nucleus filtering.")
-        if self.eps is not None and (not _is_number(self.eps) or not 0 < self.eps < 1):
+        if self.eps is not None and (not is_number(self.eps) or not 0 < self.eps < 1):
             errors.append(f"eps must be in (0, 1), got {self.eps!r} (Dream uses 1e-3).")
-        if self.threshold is not None and (not _is_number(self.threshold) or not 0 < self.threshold <= 1):
+        if self.threshold is not None and (not is_number(self.threshold) or not 0 < self.threshold <= 1):
             errors.append(f"threshold must be in (0, 1], got {self.threshold!r} (Fast-dLLM uses 0.9).")
-        if self.factor is not None and (not _is_number(self.factor) or self.factor <= 0):
+        if self.factor is not None and (not is_number(self.factor) or self.factor <= 0):
             errors.append(f"factor must be a number > 0, got {self.factor!r} (Fast-dLLM uses 1.0).")
         if self.pad_token_id is not None and self.pad_token_id == self.mask_token_id:
             errors.append(f"pad_token_id equals mask_token_id ({self.mask_token_id}): padding would read as positions "
@@ -246,7 +239,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         if self.alg == "confidence_threshold" and self.factor is not None:
             errors.append("alg='confidence_threshold' is a threshold policy; it cannot be combined with factor.")
         if self.block_length is not None and self.max_new_tokens is not None and block_ok:
-            if _is_int(self.max_new_tokens) and self.max_new_tokens > 0 and self.max_new_tokens % self.block_length:
+            if is_int(self.max_new_tokens) and self.max_new_tokens > 0 and self.max_new_tokens % self.block_length:
                 errors.append(
                     f"max_new_tokens ({self.max_new_tokens}) must be a multiple of block_length ({self.block_length}); "
                     "change one of them, or set block_length=None for a single block."
@@ -392,7 +385,7 @@ def guidance_conflicts(config) -> list[str]:
             conflicts.append(f"{name}={getattr(config, name)!r} cannot be combined with guidance: the guide decides "
                              f"which proposals to commit; pass {name}=None.")
     temperature = getattr(config, "temperature", None)
-    if _is_number(temperature) and temperature > 0:
+    if is_number(temperature) and temperature > 0:
         conflicts.append(f"temperature={temperature!r}: with guidance the drafts are drawn at guidance"
                          "['draft_temperature']; set that instead and leave temperature at 0.")
     return conflicts

@@ -8,6 +8,7 @@ LLaDA's uniform masking over the whole canvas).
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -16,6 +17,15 @@ import torch.nn.functional as F
 BLOCK_LENGTHS = (8, 16, 32, 64)  # block sizes of the decode-state masks, drawn with BLOCK_WEIGHTS
 BLOCK_WEIGHTS = (2, 1, 3, 1)
 PAD_WEIGHT = 16.0  # in whole-canvas masks, the EOS padding after the first EOS weighs as much as 16 tokens in all
+
+
+def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """The learning rate of step `step`: linear warm-up over `warmup` steps to `lr`, then cosine decay to `min_lr` at
+    step `steps` (constant after it)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def result_positions(completion: list[int], tokenizer) -> list[int]:
