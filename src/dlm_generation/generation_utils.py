@@ -33,7 +33,7 @@ from .configuration_diffusion import (
     guidance_conflicts,
     translate_aliases,
 )
-from .diffusion_cache import DiffusionCache, StepOutcome
+from .diffusion_cache import CacheStep, DiffusionCache, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_guidance import ARGuide, check_shared_vocabulary, resolve_guidance_config
 from .diffusion_strategies import NEG_INF, PolicyCommitRule, StepContext, build_strategies, propose_tokens
@@ -154,6 +154,39 @@ class DecodeState:
     window_start: int = 0
     step: int = 0
     max_steps: int = 0
+    in_block: bool = False  # block `block` has been started and may have eligible masks left
+
+
+@dataclass
+class PlannedStep:
+    """A denoising step before its forward: the cache's plan, the window of canvas positions [step_start, step_end)
+    whose logits it computes, and there the masked positions of unfinished rows it may commit (`eligible`)."""
+
+    plan: CacheStep
+    step_start: int
+    step_end: int
+    eligible: torch.Tensor
+
+
+@dataclass
+class ForwardInputs:
+    """One step's model inputs: ids and position ids of the positions it runs (batch, queries), the key mask
+    (batch, key_end) or None, and the logits to keep: indices into the queries (window,), or per row (batch, window).
+    With classifier-free guidance the batch is doubled (conditional rows first) and `cfg_scale` is set."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    keep: torch.Tensor
+    key_end: int
+    cfg_scale: float | None = None
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """The forward's kept logits for these inputs -> the step's logits (CFG's two halves combined)."""
+        if self.cfg_scale is None:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + (self.cfg_scale + 1) * (cond - uncond)
 
 
 class DiffusionGenerationMixin(GenerationMixin):
@@ -183,7 +216,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         2. Build the canvas: prompt followed by `max_new_tokens` mask ids, padding mask and position ids.
         3. Turn strings into objects: schedule, commit policy, cache, logits processors, stopping criteria.
         4. For each block (`_begin_block`), until it has no eligible masks (masks before the block end, in
-           unfinished rows), one denoising step (`_denoising_step`, on the call's `DecodeState` and `DecodeRules`):
+           unfinished rows), one denoising step: `_next_step` plans it (4.1), `_step_inputs` + `_forward_logits` run
+           the forward, `_finish_step` does the rest (4.2-4.5), on the call's `DecodeState` and `DecodeRules`:
            4.1 ask the cache which positions this step runs; run the model on them and read the logits of the
                positions that can change and have fresh logits;
            4.2 apply the model's logit shift, classifier-free guidance and the logits processors;
@@ -240,69 +274,27 @@ class DiffusionGenerationMixin(GenerationMixin):
             config, assistant_model, tokenizer, assistant_tokenizer, input_ids.device
         )
 
-        # 2. canvas
-        mask_id = config.mask_token_id
-        mask_index = torch.tensor([mask_id], device=input_ids.device)  # never drawn as a token
-        canvas = torch.cat([input_ids, input_ids.new_full((batch, config.max_new_tokens), mask_id)], dim=1)
-        length = canvas.shape[1]
-        padding_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            padding_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones((batch, config.max_new_tokens)).bool()], 1)
-        position_ids = self._canvas_position_ids(padding_mask, batch, length, canvas.device)
-        uncond_prompt = None
-        if config.cfg_scale > 0:
-            uncond_prompt = input_ids.masked_fill(input_ids != mask_id, mask_id)
-
-        # 3. strategies
-        strategies = build_strategies(config)
-        cache = self._prepare_diffusion_cache(config, past_key_values)
-        processors = self._prepare_logits_processors(config, logits_processor, canvas.device)
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-        stop_ids = self._stop_token_ids(config, canvas.device)
-        excluded_ids = stop_ids if config.confidence_eos_eot_inf and stop_ids.numel() else None
-        finished = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
-        guide = None
-        if guidance is not None:
-            guide = ARGuide(assistant_model, guidance, canvas, padding_mask, mask_id, stop_ids, hidden_ids)
-        draft_temperature = config.temperature if guide is None else guidance["draft_temperature"]
-        block_length = config.block_length or config.max_new_tokens
-        num_blocks = config.max_new_tokens // block_length
-        rules = DecodeRules(
-            config=config, strategies=strategies, processors=processors, criteria=criteria, stop_ids=stop_ids,
-            excluded_ids=excluded_ids, draft_temperature=draft_temperature, mask_id=mask_id, mask_index=mask_index,
-            commit_rule=PolicyCommitRule(strategies.policy) if guide is None else guide,
-            shift=self.diffusion_logits_shift, block_length=block_length, num_blocks=num_blocks,
-            steps_in_block=config.steps // num_blocks, tokenizer=tokenizer,
-        )
-        state = DecodeState(
-            canvas=canvas, finished=finished, prompt_len=prompt_len, padding_mask=padding_mask,
-            position_ids=position_ids, uncond_prompt=uncond_prompt, cache=cache, guide=guide,
-            nonfinite=torch.zeros((), dtype=torch.bool, device=canvas.device),
-            history=[] if config.output_history else None,
-            confidences=canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32)
-            if config.output_confidences else None,
-            commit_steps=canvas.new_zeros((batch, config.max_new_tokens)) if config.output_commit_steps else None,
-            streamer=streamer, streamed=prompt_len, drafts=drafts,
-            full_drafts=drafts and getattr(streamer, "supports_batch", False),
+        # 2-3. canvas, strategies, cache, recorders
+        state, rules = self._start_decoding(
+            input_ids, attention_mask, config, logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria, streamer=streamer, drafts=drafts, past_key_values=past_key_values,
+            guidance=guidance, assistant_model=assistant_model, hidden_ids=hidden_ids, tokenizer=tokenizer,
         )
         if streamer is not None:
             streamer.put(given_prompt.cpu())
 
         # 4. the denoising loop: blocks in order, each stepped until it has no eligible masks
-        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=rules.shift,
-                               guided_frontier=0 if guide is None else guidance["verify_chunk"])
         try:
-            for block in range(num_blocks):
-                if self._begin_block(state, rules, block):
-                    while self._denoising_step(state, rules):
-                        pass
+            while (step := self._next_step(state, rules)) is not None:
+                self._finish_step(state, rules, step, self._forward_logits(self._step_inputs(state, rules, step),
+                                                                           state.cache))
         finally:
-            cache.end_generation()
+            state.cache.end_generation()
 
         # 5. outputs
         if streamer is not None:
             streamer.end()
-        canvas, nfe, guide = state.canvas, state.nfe, state.guide
+        canvas, nfe, guide, stop_ids = state.canvas, state.nfe, state.guide, rules.stop_ids
         sequences = canvas
         if given_prompt is not input_ids:  # padding that held the mask id is returned as given
             padding = ~attention_mask.bool()
@@ -334,7 +326,77 @@ class DiffusionGenerationMixin(GenerationMixin):
             stopping_criteria=stopping_criteria, streamer=streamer, **kwargs,
         )
 
+    # ------------------------------------------------------------------------------- 2-3. the decode state
+    def _start_decoding(self, input_ids, attention_mask, config, *, logits_processor=None, stopping_criteria=None,
+                        streamer=None, drafts=False, past_key_values=None, guidance=None, assistant_model=None,
+                        hidden_ids=(), tokenizer=None) -> tuple[DecodeState, DecodeRules]:
+        """The decode state and rules of prompts `input_ids` (batch, prompt_len; left-padded, padding unmasked) under
+        a resolved `config`: the canvas (prompt + `max_new_tokens` masks), padding mask, position ids, the strategies,
+        cache (its `begin_generation` called), logits processors, stopping criteria, AR guide and recorders."""
+        batch, prompt_len = input_ids.shape
+        mask_id = config.mask_token_id
+        mask_index = torch.tensor([mask_id], device=input_ids.device)  # never drawn as a token
+        canvas = torch.cat([input_ids, input_ids.new_full((batch, config.max_new_tokens), mask_id)], dim=1)
+        length = canvas.shape[1]
+        padding_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            padding_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones((batch, config.max_new_tokens)).bool()], 1)
+        position_ids = self._canvas_position_ids(padding_mask, batch, length, canvas.device)
+        uncond_prompt = None
+        if config.cfg_scale > 0:
+            uncond_prompt = input_ids.masked_fill(input_ids != mask_id, mask_id)
+        strategies = build_strategies(config)
+        cache = self._prepare_diffusion_cache(config, past_key_values)
+        processors = self._prepare_logits_processors(config, logits_processor, canvas.device)
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        stop_ids = self._stop_token_ids(config, canvas.device)
+        excluded_ids = stop_ids if config.confidence_eos_eot_inf and stop_ids.numel() else None
+        guide = None
+        if guidance is not None:
+            guide = ARGuide(assistant_model, guidance, canvas, padding_mask, mask_id, stop_ids, hidden_ids)
+        block_length = config.block_length or config.max_new_tokens
+        num_blocks = config.max_new_tokens // block_length
+        rules = DecodeRules(
+            config=config, strategies=strategies, processors=processors, criteria=criteria, stop_ids=stop_ids,
+            excluded_ids=excluded_ids, draft_temperature=config.temperature if guide is None else guidance["draft_temperature"],
+            mask_id=mask_id, mask_index=mask_index,
+            commit_rule=PolicyCommitRule(strategies.policy) if guide is None else guide,
+            shift=self.diffusion_logits_shift, block_length=block_length, num_blocks=num_blocks,
+            steps_in_block=config.steps // num_blocks, tokenizer=tokenizer,
+        )
+        state = DecodeState(
+            canvas=canvas, finished=torch.zeros(batch, dtype=torch.bool, device=canvas.device), prompt_len=prompt_len,
+            padding_mask=padding_mask, position_ids=position_ids, uncond_prompt=uncond_prompt, cache=cache,
+            guide=guide, nonfinite=torch.zeros((), dtype=torch.bool, device=canvas.device),
+            history=[] if config.output_history else None,
+            confidences=canvas.new_full(canvas.shape, float("nan"), dtype=torch.float32)
+            if config.output_confidences else None,
+            commit_steps=canvas.new_zeros((batch, config.max_new_tokens)) if config.output_commit_steps else None,
+            streamer=streamer, streamed=prompt_len, drafts=drafts,
+            full_drafts=drafts and getattr(streamer, "supports_batch", False),
+        )
+        cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=rules.shift,
+                               guided_frontier=0 if guide is None else guidance["verify_chunk"])
+        return state, rules
+
     # --------------------------------------------------------------------------------------- 4. the loop
+    def _next_step(self, state: DecodeState, rules: DecodeRules) -> PlannedStep | None:
+        """Plan the next denoising step (4.1's choice of positions), moving on to the next block when the one in
+        progress has no eligible masks left; None when decoding is done. Raises if the previous forward gave
+        non-finite logits where it could commit."""
+        while True:
+            if state.in_block:
+                step = self._plan_step(state, rules)
+                if step is not None:
+                    return step
+                state.in_block = False
+                state.block += 1
+            if state.block >= rules.num_blocks:
+                return None
+            state.in_block = self._begin_block(state, rules, state.block)
+            if not state.in_block:
+                state.block += 1
+
     def _begin_block(self, state: DecodeState, rules: DecodeRules, block: int) -> bool:
         """Start block `block`: False when no unfinished row has a mask before its end (nothing to decode)."""
         block_end = state.prompt_len + (block + 1) * rules.block_length
@@ -354,38 +416,83 @@ class DiffusionGenerationMixin(GenerationMixin):
         state.max_steps = rules.steps_in_block + (block_end - state.window_start)
         return True
 
-    def _denoising_step(self, state: DecodeState, rules: DecodeRules) -> bool:
-        """One denoising step of the block in progress (4.1-4.5): one forward, then commits. False, without a
-        forward, once the block has no eligible masks left."""
-        config, cache = rules.config, state.cache
+    def _plan_step(self, state: DecodeState, rules: DecodeRules) -> PlannedStep | None:
+        """The next step of the block in progress: the cache's plan and the window of positions it can commit; None,
+        without a forward, once the block has no eligible masks left."""
         canvas, window_start, block_end, shift = state.canvas, state.window_start, state.block_end, rules.shift
         block_masks = (canvas[:, window_start:block_end] == rules.mask_id) & ~state.finished[:, None]
         masks_left, broken = torch.stack([block_masks.any(), state.nonfinite]).tolist()  # the step's one host sync
         if broken:  # the forward just run (number `nfe`)
             raise self._nonfinite_logits_error(state.nfe, state.block, rules.num_blocks)
         if not masks_left:
-            return False
-        plan = cache.plan_step(canvas, state.step)
-        # The positions whose logits this forward computes (a shifted model reads position i at i - 1).
-        step_start = max(window_start, plan.query_start + shift)
-        step_end = min(block_end, plan.query_end + shift)
-        window = canvas[:, step_start:step_end]
-        eligible = block_masks[:, step_start - window_start : step_end - window_start]
-        if plan.row_queries is not None:  # each row commits only where its own logits are fresh
-            sources = torch.arange(step_start, step_end, device=canvas.device) - shift - plan.query_start
-            eligible = eligible & plan.row_queries[:, sources]
-        remaining = eligible.sum(-1)
+            return None
         if state.step >= state.max_steps:
+            config = rules.config
             raise RuntimeError(
                 f"diffusion_generate made no progress: block {state.block} still has masked positions after"
                 f" {state.step} steps (alg={config.alg!r}, threshold={config.threshold}, factor={config.factor})."
                 " Please report this with the configuration."
             )
-        # 4.1-4.2 logits of the window
-        logits = self._window_logits(
-            canvas, state.padding_mask, state.position_ids, state.uncond_prompt, cache, plan, step_start, step_end,
-            config,
-        )
+        plan = state.cache.plan_step(canvas, state.step)
+        # The positions whose logits this forward computes (a shifted model reads position i at i - 1).
+        step_start = max(window_start, plan.query_start + shift)
+        step_end = min(block_end, plan.query_end + shift)
+        eligible = block_masks[:, step_start - window_start : step_end - window_start]
+        if plan.row_queries is not None:  # each row commits only where its own logits are fresh
+            sources = torch.arange(step_start, step_end, device=canvas.device) - shift - plan.query_start
+            eligible = eligible & plan.row_queries[:, sources]
+        return PlannedStep(plan, step_start, step_end, eligible)
+
+    def _step_inputs(self, state: DecodeState, rules: DecodeRules, step: PlannedStep) -> ForwardInputs:
+        """The model inputs of a planned step: the plan's positions [plan.query_start, plan.query_end) (or its
+        scattered positions), attending to keys [0, plan.key_end); the logits to keep are those of the step's window
+        [step_start, step_end), read at the plan's positions moved left by the model's logit shift. Classifier-free
+        guidance doubles the batch (conditional rows first)."""
+        canvas, plan, shift = state.canvas, step.plan, rules.shift
+        start, end = plan.query_start, plan.query_end
+        # Position i reads the prediction made at i - shift (position 0 reads its own).
+        keep = (torch.arange(step.step_start, step.step_end, device=canvas.device) - shift).clamp_min(0) - start
+        mask = state.padding_mask[:, : plan.key_end] if state.padding_mask is not None else None
+        if plan.row_keys is not None:
+            mask = plan.row_keys if mask is None else mask.bool() & plan.row_keys
+        if plan.positions is not None:  # scattered positions: run those, then read the window's logits from them
+            slots = torch.zeros((canvas.shape[0], end - start), dtype=torch.long, device=canvas.device)
+            slots.scatter_(1, plan.positions - start, torch.arange(plan.positions.shape[1], device=canvas.device)
+                           .expand_as(plan.positions))
+            keep = slots[:, keep]  # (batch, window): each window position's row in the forward (stale where unused)
+            inputs, positions = canvas.gather(1, plan.positions), state.position_ids.gather(1, plan.positions)
+        else:
+            inputs, positions = canvas[:, start:end], state.position_ids[:, start:end]
+        cfg_scale = None
+        if state.uncond_prompt is not None:
+            cfg_scale = rules.config.cfg_scale
+            uncond = canvas.clone()
+            uncond[:, : state.uncond_prompt.shape[1]] = state.uncond_prompt
+            uncond_inputs = uncond.gather(1, plan.positions) if plan.positions is not None else uncond[:, start:end]
+            inputs = torch.cat([inputs, uncond_inputs])
+            mask = torch.cat([mask, mask]) if mask is not None else None
+            positions = torch.cat([positions, positions])
+            if keep.dim() == 2:
+                keep = torch.cat([keep, keep])
+        return ForwardInputs(inputs, positions, mask, keep, plan.key_end, cfg_scale)
+
+    def _forward_logits(self, inputs: ForwardInputs, cache: DiffusionCache) -> torch.Tensor:
+        """Run the model on `inputs` with `cache`: the kept logits (batch, window, vocab), CFG combined."""
+        keep = inputs.keep
+        logits = self(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                      position_ids=inputs.position_ids, past_key_values=cache,
+                      logits_to_keep=0 if keep.dim() == 2 else keep).logits
+        if keep.dim() == 2:  # per-row positions of a scattered forward
+            logits = logits.gather(1, keep[..., None].expand(-1, -1, logits.shape[-1]))
+        return inputs.combine(logits)
+
+    def _finish_step(self, state: DecodeState, rules: DecodeRules, step: PlannedStep, logits: torch.Tensor) -> None:
+        """The rest of a denoising step once its forward gave `logits` (batch, window, vocab) (4.2-4.5): logits
+        processors, proposals, commits, finished rows, recorders."""
+        config, cache, canvas = rules.config, state.cache, state.canvas
+        step_start, step_end, eligible = step.step_start, step.step_end, step.eligible
+        window = canvas[:, step_start:step_end]
+        remaining = eligible.sum(-1)
         state.nfe += 1
         # A row's maximum logit is NaN or +inf when any logit is NaN or +inf (or all are -inf).
         state.nonfinite = (~torch.isfinite(logits.amax(-1)) & eligible).any()
@@ -403,7 +510,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         ctx = StepContext(step=state.step, count=schedule.count(state.step, remaining), remaining=remaining,
                           schedule=schedule)
         commit, tokens = rules.commit_rule.choose(canvas, proposal.tokens, confidence, eligible, ctx, step_start)
-        unseen_later = cache.settled_before() + shift  # later steps of this block see no logits left of it
+        unseen_later = cache.settled_before() + rules.shift  # later steps of this block see no logits left of it
         if unseen_later > step_start:
             # Masks there get no fresh logits later in this block: they are committed now, greedily or as drawn.
             forced = eligible & (torch.arange(step_start, step_end, device=canvas.device) < unseen_later)
@@ -418,10 +525,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         state.finished = self._update_finished(canvas, state.finished, state.prompt_len, rules.stop_ids,
                                                rules.criteria, config, rules.tokenizer)
         self._record_step(state, rules)
-        # Finished rows have no eligible masks, so the check at the top of the next step (the step's only host sync,
-        # which also reads this step's non-finite flag) ends the block, and every later block, once all rows are
-        # finished.
-        return True
+        # Finished rows have no eligible masks, so the check of the next plan (the step's only host sync, which also
+        # reads this step's non-finite flag) ends the block, and every later block, once all rows are finished.
 
     def _record_step(self, state: DecodeState, rules: DecodeRules) -> None:
         """After a step: history, commit steps and the streamer's settled text and draft."""
@@ -698,49 +803,6 @@ class DiffusionGenerationMixin(GenerationMixin):
         return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------------------------------ 4. step helpers
-    def _window_logits(self, canvas, padding_mask, position_ids, uncond_prompt, cache, plan, window_start, window_end,
-                       config):
-        """Logits (batch, window, vocab) for canvas positions [window_start, window_end), shift and CFG applied.
-
-        The model runs the positions of the cache's plan, [plan.query_start, plan.query_end), attending to keys
-        [0, plan.key_end); the window lies within the plan's positions moved right by the model's logit shift.
-        """
-        start, end = plan.query_start, plan.query_end
-        shift = self.diffusion_logits_shift
-        # Position i reads the prediction made at i - shift (position 0 reads its own).
-        keep = (torch.arange(window_start, window_end, device=canvas.device) - shift).clamp_min(0) - start
-        mask = padding_mask[:, : plan.key_end] if padding_mask is not None else None
-        if plan.row_keys is not None:
-            mask = plan.row_keys if mask is None else mask.bool() & plan.row_keys
-        if plan.positions is not None:  # scattered positions: run those, then read the window's logits from them
-            slots = torch.zeros((canvas.shape[0], end - start), dtype=torch.long, device=canvas.device)
-            slots.scatter_(1, plan.positions - start, torch.arange(plan.positions.shape[1], device=canvas.device)
-                           .expand_as(plan.positions))
-            keep = slots[:, keep]  # (batch, window): each window position's row in the forward (stale where unused)
-            inputs, positions = canvas.gather(1, plan.positions), position_ids.gather(1, plan.positions)
-        else:
-            inputs, positions = canvas[:, start:end], position_ids[:, start:end]
-        if uncond_prompt is not None:
-            uncond = canvas.clone()
-            uncond[:, : uncond_prompt.shape[1]] = uncond_prompt
-            uncond_inputs = uncond.gather(1, plan.positions) if plan.positions is not None else uncond[:, start:end]
-            inputs = torch.cat([inputs, uncond_inputs])
-            mask = torch.cat([mask, mask]) if mask is not None else None
-            positions = torch.cat([positions, positions])
-        if keep.dim() == 2:  # per-row rows of a scattered forward
-            hidden_rows = torch.cat([keep, keep]) if uncond_prompt is not None else keep
-            logits = self(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
-            logits = logits.gather(1, hidden_rows[..., None].expand(-1, -1, logits.shape[-1]))
-        else:
-            logits = self(
-                input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                logits_to_keep=keep,
-            ).logits
-        if uncond_prompt is not None:
-            cond, uncond_logits = logits.chunk(2)
-            logits = uncond_logits + (config.cfg_scale + 1) * (cond - uncond_logits)
-        return logits
-
     def _update_finished(self, canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer):
         """Mark rows as finished; pad what follows a row's stop (eos_early_stop, stop_strings) or its masks."""
         pad_id = self._pad_id(config)
