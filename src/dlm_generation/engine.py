@@ -286,19 +286,10 @@ class DiffusionEngine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         """Admit waiting requests into free rows, advance every running request by one denoising step (one shared
-        forward), and report each running request: its settled text so far, and for those that finished, the end."""
-        self._admit()
-        outputs, stepping = [], []
-        for request in list(self.running):
-            try:
-                request.planned = self.model._next_step(request.state, request.rules)
-            except Exception as error:  # noqa: BLE001 - one request's failure (e.g. non-finite logits) is its own
-                outputs.append(self._fail(request, error))
-                continue
-            if request.planned is None:
-                outputs.append(self._finish(request))
-            else:
-                stepping.append(request)
+        forward), and report each running request: its settled text so far, and for those that finished, the end
+        (a request is reported finished at the step whose commits finished it)."""
+        outputs = [output for output in map(self._plan, self._admit()) if output is not None]
+        stepping = [r for r in self.running if r.planned is not None]
         shared = [r for r in stepping if _shares_forward(r.state.cache)]
         groups = ([shared] if shared else []) + [[r] for r in stepping if not _shares_forward(r.state.cache)]
         for group in groups:
@@ -312,13 +303,23 @@ class DiffusionEngine:
             for request, logits in zip(group, all_logits):
                 try:
                     self.model._finish_step(request.state, request.rules, request.planned, logits)
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:  # noqa: BLE001 - one request's failure is its own
                     outputs.append(self._fail(request, error))
                     continue
-                outputs.append(self._report(request))
+                outputs.append(self._plan(request) or self._report(request))
         return outputs
 
-    def _admit(self) -> None:
+    def _plan(self, request: _Request) -> RequestOutput | None:
+        """Plan the request's next step; its final output when it has none (None while it runs on)."""
+        try:
+            request.planned = self.model._next_step(request.state, request.rules)
+        except Exception as error:  # noqa: BLE001 - e.g. non-finite logits: this request's error
+            return self._fail(request, error)
+        return self._finish(request) if request.planned is None else None
+
+    def _admit(self) -> list[_Request]:
+        """Move waiting requests into free rows (first come, first served); returns those admitted."""
+        admitted = []
         used = sum(r.rows for r in self.running)
         while self.waiting and used + self.waiting[0].rows <= self.max_batch_size:
             request = self.waiting.popleft()
@@ -331,7 +332,9 @@ class DiffusionEngine:
                 self._ids.discard(request.request_id)
                 raise
             self.running.append(request)
+            admitted.append(request)
             used += request.rows
+        return admitted
 
     def _release(self, request: _Request) -> None:
         self._ids.discard(request.request_id)
