@@ -138,6 +138,21 @@ def test_a_short_request_arriving_later_finishes_first(llada_chain_arith, chain_
     assert order == ["short", "long"]
 
 
+def test_static_scheduling_waits_for_the_whole_batch(llada_chain_arith, chain_arith_tokenizer):
+    engine = DiffusionEngine(llada_chain_arith, chain_arith_tokenizer, max_batch_size=4, scheduling="static")
+    ids = prompt_ids(chain_arith_tokenizer, PROBLEMS[0])
+    engine.add_request("long", ids, max_new_tokens=32, steps=32, cache_implementation=None, threshold=None,
+                       eos_early_stop=False)
+    engine.step()
+    engine.add_request("short", ids, max_new_tokens=8, steps=8, block_length=8)
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["long", "short"]
+    with pytest.raises(ValueError, match="scheduling"):
+        DiffusionEngine(llada_chain_arith, scheduling="dynamic")
+
+
 def test_streamed_deltas_add_up_to_the_final_output(dream_chain_arith, chain_arith_tokenizer):
     engine = DiffusionEngine(dream_chain_arith, chain_arith_tokenizer)
     engine.add_request("a", prompt_ids(chain_arith_tokenizer, PROBLEMS[3]), max_new_tokens=64, steps=64,

@@ -189,10 +189,16 @@ class DiffusionEngine:
         max_canvas_length: the longest prompt + max_new_tokens a request may ask for (default: the model's position
             limit); a longer request is refused at `add_request`.
         assistant_model: the AR guide for requests whose config sets `guidance` (as in `diffusion_generate`).
+        scheduling: "continuous" (default: a waiting request joins at the next step with a free row) or "static"
+            (waiting requests join only when the running batch has finished entirely: the batch waits for its
+            slowest row, as `diffusion_generate` on a batch does; kept for comparisons).
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 16, max_queued_requests: int | None = None,
-                 max_canvas_length: int | None = None, assistant_model=None):
+                 max_canvas_length: int | None = None, assistant_model=None, scheduling: str = "continuous"):
+        if scheduling not in ("continuous", "static"):
+            raise ValueError(f"scheduling must be 'continuous' or 'static', got {scheduling!r}.")
+        self.scheduling = scheduling
         if not hasattr(model, "_next_step"):
             raise ValueError(f"DiffusionEngine needs a diffusion LM of dlm-generation (LLaDA, Dream, ...); got "
                              f"{type(model).__name__}.")
@@ -320,6 +326,8 @@ class DiffusionEngine:
     def _admit(self) -> list[_Request]:
         """Move waiting requests into free rows (first come, first served); returns those admitted."""
         admitted = []
+        if self.scheduling == "static" and self.running:
+            return admitted
         used = sum(r.rows for r in self.running)
         while self.waiting and used + self.waiting[0].rows <= self.max_batch_size:
             request = self.waiting.popleft()
