@@ -51,6 +51,14 @@ def test_parameter_names_are_qwen2s(name):
            {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
 
 
+def test_parameter_names_equal_the_released_7b_weight_map():
+    name = "Efficient-Large-Model--Fast_dLLM_v2_7B"
+    released = json.loads((FIXTURES / name / "model.safetensors.index.json").read_text())["weight_map"]
+    with torch.device("meta"):
+        ours = FastDLLMV2Model(FastDLLMV2Config.from_pretrained(FIXTURES / name))
+    assert sorted(ours.state_dict()) == sorted(released)
+
+
 def tiny_pair(bd_size: int) -> tuple[FastDLLMV2Model, Qwen2ForCausalLM]:
     torch.manual_seed(0)
     dims = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
