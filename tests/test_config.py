@@ -382,7 +382,7 @@ def test_aliases_translate_and_agreeing_duplicates_pass():
     original = {"gen_length": 4}
     translate_aliases(original)
     assert original == {"gen_length": 4}  # the input dict is not modified
-    assert set(ALIASES) == {"gen_length", "mask_id", "remasking"}
+    assert set(ALIASES) == {"gen_length", "mask_id", "remasking", "small_block_size"}
 
 
 @pytest.mark.parametrize("kwargs, hint", [
@@ -581,7 +581,7 @@ def test_stop_strings_need_tokenizer(llada):
 # ====================================================================================================================
 # 2. Round trips, update(), from_model_config(), unset fields not serialised
 # ====================================================================================================================
-_COMMON = dict(steps=16, block_length=8, schedule="eps", alg_temp=0.5, eps=0.01, cfg_scale=1.5,
+_COMMON = dict(steps=16, block_length=8, sub_block_length=4, schedule="eps", alg_temp=0.5, eps=0.01, cfg_scale=1.5,
                logits_eos_inf=True, confidence_eos_eot_inf=True, eot_token_id=502, mask_token_id=MASK_ID,
                eos_early_stop=True, output_history=True, output_confidences=True, output_commit_steps=True, max_new_tokens=32, temperature=0.7, top_p=0.9, top_k=20,
                eos_token_id=501, pad_token_id=501)

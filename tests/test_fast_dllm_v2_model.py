@@ -120,5 +120,28 @@ def test_bad_input_says_what_to_do():
     with pytest.raises(ValueError, match="bd_size must be a positive integer"):
         FastDLLMV2Config(bd_size=0)
     ours, _ = tiny_pair(4)
-    with pytest.raises(NotImplementedError, match="not implemented in this version"):
-        ours.diffusion_generate(torch.ones(1, 4, dtype=torch.long))
+    prompt = torch.ones(1, 4, dtype=torch.long)
+    for settings, message in [
+        (dict(cache_implementation="dual"), "exact block KV cache"),
+        (dict(cfg_scale=1.0), "classifier-free guidance"),
+        (dict(sub_block_length=3), "sub_block_length \\(3\\) must divide block_length \\(4\\)"),
+        (dict(sub_block_length=0), "sub_block_length must be a positive integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ours.diffusion_generate(prompt, max_new_tokens=8, **settings)
+
+
+def test_full_attention_models_refuse_block_diffusion_settings(llada_chain_arith):
+    prompt = torch.tensor([[1, 5, 6]])
+    with pytest.raises(ValueError, match="exact KV cache of block-diffusion models"):
+        llada_chain_arith.diffusion_generate(prompt, max_new_tokens=8, block_length=8, cache_implementation="block")
+    with pytest.raises(ValueError, match="sub_block_length=4 applies to block-diffusion models"):
+        llada_chain_arith.diffusion_generate(prompt, max_new_tokens=8, block_length=8, sub_block_length=4)
+
+
+def test_decoding_defaults_are_the_references():
+    ours, _ = tiny_pair(32)
+    config = ours._prepare_generation_config(None, {})
+    assert (config.block_length, config.sub_block_length, config.cache_implementation, config.threshold,
+            config.eos_early_stop) == (32, 8, "block", 0.9, True)
+    assert tiny_pair(4)[0]._prepare_generation_config(None, {}).sub_block_length is None

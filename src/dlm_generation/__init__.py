@@ -1,6 +1,6 @@
 """dlm-generation: fast, faithful generation for diffusion language models on Hugging Face transformers.
 
-Importing the package registers the LLaDA ("llada") and Dream ("Dream") model types with `AutoConfig`,
+Importing the package registers the LLaDA ("llada"), Dream ("Dream") and Fast-dLLM v2 ("Fast_dLLM_Qwen") model types with `AutoConfig`,
 `AutoModel` and `AutoModelForCausalLM`, so `AutoModelForCausalLM.from_pretrained(path)` works without
 `trust_remote_code`, and models saved from these classes carry their code for `trust_remote_code=True` users.
 """
@@ -9,19 +9,21 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_diffusion import DiffusionGenerationConfig
 from .configuration_dream import DreamConfig
+from .configuration_fast_dllm_v2 import FastDLLMV2Config
 from .configuration_llada import LLaDAConfig
 from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_adaptive_caches import D2Cache, DLLMCache
-from .diffusion_kv_caches import DualCache, FreeCache, PrefixCache
+from .diffusion_kv_caches import BlockKVCache, DualCache, FreeCache, PrefixCache
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin, generated_lengths
 from .modeling_dream import DreamModel
+from .modeling_fast_dllm_v2 import FastDLLMV2Model
 from .modeling_llada import LLaDAModelLM
 from .streamers import CanvasFrame, CanvasStreamer
 
 __version__ = "0.1.0"
 
-for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
+for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel), (FastDLLMV2Config, FastDLLMV2Model)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
@@ -31,6 +33,9 @@ for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
 
 __all__ = [
     "DIFFUSION_CACHE_CLASSES",
+    "BlockKVCache",
+    "FastDLLMV2Config",
+    "FastDLLMV2Model",
     "CacheStep",
     "CanvasFrame",
     "CanvasStreamer",

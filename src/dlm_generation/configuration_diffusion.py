@@ -31,6 +31,7 @@ SCHEDULES = ("linear", "eps")
 DIFFUSION_DEFAULTS: dict[str, Any] = {
     "steps": None,  # None: one step per generated token (resolved at generation time)
     "block_length": None,  # None: the whole canvas is one block
+    "sub_block_length": None,  # block-diffusion models: commits go sub-block by sub-block (None: the whole block)
     "schedule": "linear",
     "alg": "low_confidence",
     "alg_temp": None,
@@ -70,7 +71,8 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # Fast-dLLM's default for alg="confidence_threshold"
 
 # Names from the LLaDA reference code, accepted as aliases.
-ALIASES = {"gen_length": "max_new_tokens", "mask_id": "mask_token_id", "remasking": "alg"}
+ALIASES = {"gen_length": "max_new_tokens", "mask_id": "mask_token_id", "remasking": "alg",
+           "small_block_size": "sub_block_length"}
 REMASKING_VALUES = ("low_confidence", "random")
 
 # Autoregressive-only features of GenerationConfig: value that means "off", and why diffusion cannot honour it.
@@ -93,7 +95,8 @@ UNSUPPORTED_AR_FIELDS: dict[str, tuple[Any, str]] = {
 
 
 def translate_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Map LLaDA reference names (`gen_length`, `mask_id`, `remasking`) to the config's names."""
+    """Map the reference code's names (LLaDA's `gen_length`, `mask_id`, `remasking`; Fast-dLLM v2's
+    `small_block_size`) to the config's names."""
     out = dict(kwargs)
     for alias, name in ALIASES.items():
         if alias not in out:
@@ -117,6 +120,9 @@ class DiffusionGenerationConfig(GenerationConfig):
 
     - `steps` (int): total denoising steps for the canvas, spread evenly over the blocks. Default: one per token.
     - `block_length` (int): semi-autoregressive block size; must divide `max_new_tokens`. Default: one block.
+    - `sub_block_length` (int): block-diffusion models (Fast-dLLM v2) only: inside a block, steps commit only in the
+      leftmost sub-block of this many positions that still has masks (Fast-dLLM v2's `small_block_size`, 8); must
+      divide `block_length`. Default: the whole block.
     - `schedule` (`"linear"` | `"eps"`): how many tokens a step commits. `"linear"` (LLaDA): a block's masks spread
       evenly over its steps, remainder to the first steps. `"eps"` (Dream): `k = int(masks * (1 - s/t))` on the
       timesteps `linspace(1, eps, steps + 1)`, everything left at the last step.
@@ -200,6 +206,13 @@ class DiffusionGenerationConfig(GenerationConfig):
                 f"block_length must be a positive integer that divides max_new_tokens (e.g. 32), or None for a single "
                 f"block over the whole canvas; got {self.block_length!r}."
             )
+        if self.sub_block_length is not None:
+            if not (is_int(self.sub_block_length) and self.sub_block_length > 0):
+                errors.append(f"sub_block_length must be a positive integer that divides block_length (Fast-dLLM v2 "
+                              f"uses 8), or None for the whole block; got {self.sub_block_length!r}.")
+            elif block_ok and self.block_length is not None and self.block_length % self.sub_block_length:
+                errors.append(f"sub_block_length ({self.sub_block_length}) must divide block_length "
+                              f"({self.block_length}), so that a block is a whole number of sub-blocks.")
         for name in ("temperature", "alg_temp", "cfg_scale"):
             non_negative(name)
         for name in ("logits_eos_inf", "confidence_eos_eot_inf", "eos_early_stop", "output_history",

@@ -110,6 +110,9 @@ class DiffusionCache:
     # Given to begin_generation for AR-guided decoding: guided rows commit left to right from their first mask, so a
     # cache that chooses which masked positions to compute must include each row's first `guided_frontier` masks.
     guided_frontier = 0
+    # True for a cache built for block-causal attention (the block-diffusion models' exact KV cache); the loop refuses
+    # it for full-attention models, and block-diffusion models refuse the others.
+    block_causal_only = False
 
     # Settings: the `cache_config` keys this cache accepts with their defaults, other names accepted for them, and
     # per key a check of the value with what it expects (for the error message). A subclass declares its own; the

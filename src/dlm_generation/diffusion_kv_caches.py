@@ -119,3 +119,62 @@ class FreeCache(CanvasKVCache):
 
     def settled_before(self):
         return 0  # the window starts left of the first mask: nothing eligible is ever frozen
+
+
+class BlockKVCache(CanvasKVCache):
+    """The exact KV cache of block-diffusion models (Fast-dLLM v2): committed blocks enter the cache as an AR
+    model's tokens do, and every step runs only the block in progress against it.
+
+    The model's blocks are aligned to its block length from the sequence start (`block_length` positions each), so
+    the first block may begin inside the prompt; the loop's blocks (`begin_block`) are the part of each aligned block
+    after the prompt. Per block of the loop, the cache plans:
+
+    * an entry forward, first: for the first block, the prefill (the prompt's whole aligned blocks, block-causal),
+      for every later block, the previous block once more with its committed tokens (its clean keys and values are
+      what later blocks attend to). Its last position's logits predict the block's first position, which the loop
+      commits at that step (greedily: `settled_before`). A prompt that ends inside an aligned block has nothing to
+      commit at its prefill (an empty window: the forward only fills the cache). Without whole prompt blocks there
+      is no prefill.
+    * then denoising forwards over the aligned block (prompt tail included), attending to the cached blocks.
+
+    Keys and values of the block in progress are written into the store at every step and overwritten by its entry
+    forward's clean ones before any later block reads them, so the cache never holds a stale position that a query
+    attends to. Only for models with block-causal attention (`diffusion_block_causal`); a full-attention model
+    refuses it.
+    """
+
+    cache_name = "block"
+    block_causal_only = True
+
+    def __init__(self, cache_config=None, block_length: int | None = None):
+        super().__init__(cache_config)
+        self.block_length = block_length
+
+    def begin_generation(self, canvas, attention_mask, mask_token_id, **details):
+        super().begin_generation(canvas, attention_mask, mask_token_id, **details)
+        if self.block_length is None:
+            raise ValueError("BlockKVCache needs the model's block length: BlockKVCache(block_length=...).")
+        self.origin, self.aligned_end, self.entry, self.started, self.entering = 0, 0, None, False, False
+
+    def begin_block(self, block_start, block_end):
+        previous = (self.origin, self.aligned_end) if self.started else None
+        super().begin_block(block_start, block_end)
+        self.origin = block_start // self.block_length * self.block_length
+        self.aligned_end = block_end
+        if previous is None:  # the first block: prefill the prompt's whole aligned blocks, if any
+            previous = (0, self.origin) if self.origin > 0 else None
+        self.entry, self.started = previous, True
+
+    def plan_step(self, canvas, step):
+        self.entering = step == 0 and self.entry is not None
+        if self.entering:
+            start, end = self.entry
+            self.current = CacheStep(start, end, end)
+        else:
+            self.current = CacheStep(self.origin, self.aligned_end, self.aligned_end)
+        return self.current
+
+    def settled_before(self):
+        # At the entry forward the block's first position is committed from the previous position's logits (the
+        # reference's argmax of the completed block's last logit); denoising forwards see every position again.
+        return self.block_start if self.entering else 0

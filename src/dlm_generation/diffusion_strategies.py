@@ -199,14 +199,18 @@ class SampledTopKPolicy(CommitPolicy):
 
 
 class ThresholdPolicy(CommitPolicy):
-    """Fast-dLLM: every eligible position with confidence >= threshold, and always the most confident one."""
+    """Fast-dLLM: every eligible position with confidence >= threshold (> threshold with `strict`, as Fast-dLLM v2
+    compares), and always the most confident one."""
 
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    def __init__(self, threshold: float, strict: bool = False):
+        self.threshold, self.strict = threshold, strict
+
+    def passes(self, confidence: torch.Tensor) -> torch.Tensor:
+        return confidence > self.threshold if self.strict else confidence >= self.threshold
 
     def select(self, confidence, eligible, ctx):
         _, ranks = descending_ranks(confidence)
-        return eligible & ((ranks == 0) | (confidence >= self.threshold))
+        return eligible & ((ranks == 0) | self.passes(confidence))
 
 
 class BudgetedThresholdPolicy(ThresholdPolicy):
@@ -229,7 +233,7 @@ class BudgetedThresholdPolicy(ThresholdPolicy):
         else:
             budget = self.cumulative[:, ctx.step] - (self.start - ctx.remaining)
         _, ranks = descending_ranks(confidence)
-        return eligible & (ranks < budget[:, None]) & ((ranks == 0) | (confidence >= self.threshold))
+        return eligible & (ranks < budget[:, None]) & ((ranks == 0) | self.passes(confidence))
 
 
 class FactorPolicy(CommitPolicy):
@@ -289,15 +293,17 @@ class Strategies:
     alg: str
 
 
-def build_strategies(config) -> Strategies:
-    """Turn a resolved `DiffusionGenerationConfig` into strategy objects (the only place strings are compared)."""
+def build_strategies(config, strict_threshold: bool = False) -> Strategies:
+    """Turn a resolved `DiffusionGenerationConfig` into strategy objects (the only place strings are compared).
+    `strict_threshold`: the model family's threshold rule commits confidence > threshold (Fast-dLLM v2) rather than
+    >= (Fast-dLLM v1)."""
     schedule = LinearSchedule() if config.schedule == "linear" else EpsSchedule(config.eps)
     if config.alg == "origin":
         policy = OriginPolicy()
     elif config.alg == "confidence_threshold":
-        policy = BudgetedThresholdPolicy(config.threshold)
+        policy = BudgetedThresholdPolicy(config.threshold, strict_threshold)
     elif config.threshold is not None:
-        policy = ThresholdPolicy(config.threshold)
+        policy = ThresholdPolicy(config.threshold, strict_threshold)
     elif config.factor is not None:
         policy = FactorPolicy(config.factor)
     elif config.alg_temp:

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .diffusion_cache import DiffusionCache
-from .generation_utils import DecodeRules, DecodeState, ForwardInputs, PlannedStep
+from .generation_utils import DecodeRules, DecodeState, PlannedStep, shared_forward
 
 
 class EngineFullError(RuntimeError):
@@ -95,71 +94,6 @@ def _shares_forward(cache: DiffusionCache) -> bool:
             and type(cache).recompute_rows is base.recompute_rows
             and type(cache).reuse is base.reuse
             and type(cache).observe_attention is base.observe_attention)
-
-
-class _SharedForwardCache(DiffusionCache):
-    """The cache a shared forward is given: each request's rows go to that request's own cache.
-
-    Row block i of the forward holds request i's queries at its right end (left-padded to the forward's length); its
-    own cache receives exactly those queries' keys and values and returns the keys and values the request attends
-    to, which are left-padded to the forward's key length (the attention mask hides the padding)."""
-
-    def __init__(self, parts: list[tuple[slice, int, DiffusionCache]], key_length: int):
-        super().__init__()
-        self.parts, self.key_length = parts, key_length
-
-    def update(self, key, value, layer_idx):
-        queries = key.shape[2]
-        keys, values = [], []
-        for rows, length, cache in self.parts:
-            own_key, own_value = cache.update(key[rows, :, queries - length:], value[rows, :, queries - length:],
-                                              layer_idx)
-            pad = self.key_length - own_key.shape[2]
-            if pad:
-                own_key, own_value = F.pad(own_key, (0, 0, pad, 0)), F.pad(own_value, (0, 0, pad, 0))
-            keys.append(own_key)
-            values.append(own_value)
-        return torch.cat(keys), torch.cat(values)
-
-
-def shared_forward(model, entries: list[tuple[ForwardInputs, DiffusionCache]]) -> list[torch.Tensor]:
-    """Run several requests' step inputs as one forward; returns each request's step logits, as
-    `model._forward_logits(inputs, cache)` would give them alone (up to float rounding)."""
-    if len(entries) == 1:
-        inputs, cache = entries[0]
-        return [model._forward_logits(inputs, cache)]
-    queries = max(inputs.input_ids.shape[1] for inputs, _ in entries)
-    key_length = max(inputs.key_end for inputs, _ in entries)
-    ids, positions, masks, keeps, parts = [], [], [], [], []
-    needs_mask = False
-    first_row = 0
-    for inputs, cache in entries:
-        rows, length = inputs.input_ids.shape
-        pad = queries - length
-        ids.append(F.pad(inputs.input_ids, (pad, 0)))
-        positions.append(F.pad(inputs.position_ids, (pad, 0)))
-        own = inputs.attention_mask
-        own = torch.ones((rows, inputs.key_end), dtype=torch.bool, device=inputs.input_ids.device) if own is None \
-            else own.bool()
-        needs_mask = needs_mask or inputs.key_end < key_length or not bool(own.all())
-        masks.append(F.pad(own, (key_length - inputs.key_end, 0), value=False))
-        keeps.append(inputs.keep + pad)
-        parts.append((slice(first_row, first_row + rows), length, cache))
-        first_row += rows
-    union = torch.unique(torch.cat([keep.reshape(-1) for keep in keeps]))  # sorted
-    logits = model(input_ids=torch.cat(ids), position_ids=torch.cat(positions),
-                   attention_mask=torch.cat(masks) if needs_mask else None,
-                   past_key_values=_SharedForwardCache(parts, key_length), logits_to_keep=union).logits
-    results = []
-    for (inputs, _), keep, (rows, _, _) in zip(entries, keeps, parts):
-        columns = torch.searchsorted(union, keep)
-        own = logits[rows]
-        if columns.dim() == 1:
-            own = own[:, columns]
-        else:
-            own = own.gather(1, columns[..., None].expand(-1, -1, own.shape[-1]))
-        results.append(inputs.combine(own))
-    return results
 
 
 class DiffusionEngine:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 from transformers.utils import ModelOutput
@@ -117,6 +118,11 @@ class DecodeRules:
     num_blocks: int
     steps_in_block: int
     tokenizer: Any = None
+    # The blocks in order: (start, end, origin) canvas positions; commits go from start to end, `origin` is where
+    # the block begins in the model's block layout (a block-diffusion model's blocks are aligned to its trained block
+    # size, so the first one may begin inside the prompt); sub-blocks are counted from it.
+    blocks: list = None
+    sub_block_length: int | None = None
 
 
 @dataclass
@@ -155,6 +161,7 @@ class DecodeState:
     step: int = 0
     max_steps: int = 0
     in_block: bool = False  # block `block` has been started and may have eligible masks left
+    block_origin: int = 0
 
 
 @dataclass
@@ -195,6 +202,8 @@ class DiffusionGenerationMixin(GenerationMixin):
     generation_config_class = DiffusionGenerationConfig
     diffusion_logits_shift: int = 0
     diffusion_generation_defaults: dict[str, Any] = {}
+    diffusion_threshold_strict: bool = False  # the family's threshold rule: confidence > threshold (else >=)
+    diffusion_block_causal: bool = False  # block-diffusion attention (causal across blocks): its own caches
 
     @torch.no_grad()
     def diffusion_generate(
@@ -274,6 +283,12 @@ class DiffusionGenerationMixin(GenerationMixin):
             config, assistant_model, tokenizer, assistant_tokenizer, input_ids.device
         )
 
+        if self.diffusion_block_causal and (batch > 1 or (attention_mask is not None and not bool(attention_mask.all()))):
+            # Block-diffusion rows have their own block layout (aligned from each row's first real token): each row
+            # decodes on its own state, and the rows' steps share one forward.
+            return self._diffusion_generate_rows(input_ids, attention_mask, given_prompt, config, logits_processor,
+                                                 stopping_criteria, streamer, past_key_values, tokenizer)
+
         # 2-3. canvas, strategies, cache, recorders
         state, rules = self._start_decoding(
             input_ids, attention_mask, config, logits_processor=logits_processor,
@@ -311,6 +326,61 @@ class DiffusionGenerationMixin(GenerationMixin):
             commit_steps=state.commit_steps,
         )
 
+    def _diffusion_generate_rows(self, input_ids, attention_mask, given_prompt, config, logits_processor,
+                                 stopping_criteria, streamer, past_key_values, tokenizer):
+        """`diffusion_generate` for a batch of a block-diffusion model: one decode state per row (its padding
+        removed), stepped together with one shared forward per step (`shared_forward`), so every row equals its
+        solo call. `nfe` counts the shared forwards; `commit_steps` index them."""
+        for name, value in (("streamer", streamer), ("past_key_values", past_key_values),
+                            ("output_history", config.output_history or None)):
+            if value is not None:
+                raise ValueError(f"{name} is not supported for a batch (or a padded prompt) of a block-diffusion "
+                                 "model; decode one unpadded prompt per call to use it.")
+        batch, prompt_len = input_ids.shape
+        rows = []
+        for row in range(batch):
+            start = 0 if attention_mask is None else int((attention_mask[row] == 0).sum())
+            state, rules = self._start_decoding(input_ids[row:row + 1, start:], None, config,
+                                                logits_processor=logits_processor,
+                                                stopping_criteria=stopping_criteria, tokenizer=tokenizer)
+            rows.append([state, rules, None, []])  # state, rules, planned step, global index of its forwards
+        nfe = 0
+        try:
+            while True:
+                for entry in rows:
+                    entry[2] = None if entry[2] is False else self._next_step(entry[0], entry[1])
+                    if entry[2] is None:
+                        entry[2] = False  # done
+                active = [entry for entry in rows if entry[2] is not False]
+                if not active:
+                    break
+                logits = shared_forward(self, [(self._step_inputs(s, r, p), s.cache) for s, r, p, _ in active])
+                nfe += 1
+                for (state, rules, planned, forwards), own in zip(active, logits):
+                    forwards.append(nfe)
+                    self._finish_step(state, rules, planned, own)
+        finally:
+            for state, *_ in rows:
+                state.cache.end_generation()
+        sequences = torch.cat([given_prompt, given_prompt.new_zeros((batch, config.max_new_tokens))], 1)
+        commit_steps = sequences.new_zeros((batch, config.max_new_tokens)) if config.output_commit_steps else None
+        confidences = torch.full((batch, config.max_new_tokens), float("nan")) if config.output_confidences else None
+        for row, (state, rules, _, forwards) in enumerate(rows):
+            sequences[row, prompt_len:] = state.canvas[0, state.prompt_len:]
+            if commit_steps is not None:
+                index = torch.tensor([0, *forwards], device=sequences.device)
+                commit_steps[row] = index[state.commit_steps[0]]
+            if confidences is not None:
+                confidences[row] = state.confidences[0, state.prompt_len:]
+        if not config.return_dict_in_generate:
+            return sequences
+        stop_ids = rows[0][1].stop_ids
+        return DiffusionGenerateOutput(
+            sequences=sequences, nfe=nfe,
+            tokens_per_forward=generated_lengths(sequences[:, prompt_len:], stop_ids).to(torch.float32) / max(nfe, 1),
+            confidences=confidences, commit_steps=commit_steps,
+        )
+
     def generate(self, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None,
                  logits_processor=None, stopping_criteria=None, streamer=None, **kwargs):
         """Pipeline-compatible entry point: the same loop as `diffusion_generate`.
@@ -345,7 +415,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         uncond_prompt = None
         if config.cfg_scale > 0:
             uncond_prompt = input_ids.masked_fill(input_ids != mask_id, mask_id)
-        strategies = build_strategies(config)
+        strategies = build_strategies(config, self.diffusion_threshold_strict)
         cache = self._prepare_diffusion_cache(config, past_key_values)
         processors = self._prepare_logits_processors(config, logits_processor, canvas.device)
         criteria = StoppingCriteriaList(stopping_criteria or [])
@@ -355,14 +425,16 @@ class DiffusionGenerationMixin(GenerationMixin):
         if guidance is not None:
             guide = ARGuide(assistant_model, guidance, canvas, padding_mask, mask_id, stop_ids, hidden_ids)
         block_length = config.block_length or config.max_new_tokens
-        num_blocks = config.max_new_tokens // block_length
+        blocks = self._diffusion_blocks(prompt_len, config.max_new_tokens, block_length)
+        num_blocks = len(blocks)
         rules = DecodeRules(
             config=config, strategies=strategies, processors=processors, criteria=criteria, stop_ids=stop_ids,
             excluded_ids=excluded_ids, draft_temperature=config.temperature if guide is None else guidance["draft_temperature"],
             mask_id=mask_id, mask_index=mask_index,
             commit_rule=PolicyCommitRule(strategies.policy) if guide is None else guide,
             shift=self.diffusion_logits_shift, block_length=block_length, num_blocks=num_blocks,
-            steps_in_block=config.steps // num_blocks, tokenizer=tokenizer,
+            steps_in_block=config.steps // (config.max_new_tokens // block_length), tokenizer=tokenizer,
+            blocks=blocks, sub_block_length=config.sub_block_length,
         )
         state = DecodeState(
             canvas=canvas, finished=torch.zeros(batch, dtype=torch.bool, device=canvas.device), prompt_len=prompt_len,
@@ -378,6 +450,12 @@ class DiffusionGenerationMixin(GenerationMixin):
         cache.begin_generation(canvas, padding_mask, mask_id, prompt_length=prompt_len, logits_shift=rules.shift,
                                guided_frontier=0 if guide is None else guidance["verify_chunk"])
         return state, rules
+
+    @staticmethod
+    def _diffusion_blocks(prompt_len: int, max_new_tokens: int, block_length: int) -> list[tuple[int, int, int]]:
+        """The blocks of the canvas as (start, end, origin): `block_length` positions each from the prompt's end."""
+        return [(prompt_len + k * block_length, prompt_len + (k + 1) * block_length, prompt_len + k * block_length)
+                for k in range(max_new_tokens // block_length)]
 
     # --------------------------------------------------------------------------------------- 4. the loop
     def _next_step(self, state: DecodeState, rules: DecodeRules) -> PlannedStep | None:
@@ -399,7 +477,7 @@ class DiffusionGenerationMixin(GenerationMixin):
 
     def _begin_block(self, state: DecodeState, rules: DecodeRules, block: int) -> bool:
         """Start block `block`: False when no unfinished row has a mask before its end (nothing to decode)."""
-        block_end = state.prompt_len + (block + 1) * rules.block_length
+        block_start, block_end, state.block_origin = rules.blocks[block]
         is_mask = state.canvas[:, :block_end] == rules.mask_id
         eligible_counts = (is_mask & ~state.finished[:, None]).sum(-1)
         if not bool((eligible_counts > 0).any()):
@@ -408,7 +486,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         state.window_start = int(is_mask.any(0).nonzero()[0])
         rules.strategies.schedule.begin_block(eligible_counts, rules.steps_in_block)
         rules.strategies.policy.begin_block(eligible_counts, rules.steps_in_block)
-        state.block, state.block_start, state.block_end = block, block_end - rules.block_length, block_end
+        state.block, state.block_start, state.block_end = block, block_start, block_end
         state.cache.begin_block(state.block_start, block_end)
         state.step = 0
         # Every policy commits at least one token per row within its step budget, so this bound is never reached;
@@ -421,7 +499,11 @@ class DiffusionGenerationMixin(GenerationMixin):
         without a forward, once the block has no eligible masks left."""
         canvas, window_start, block_end, shift = state.canvas, state.window_start, state.block_end, rules.shift
         block_masks = (canvas[:, window_start:block_end] == rules.mask_id) & ~state.finished[:, None]
-        masks_left, broken = torch.stack([block_masks.any(), state.nonfinite]).tolist()  # the step's one host sync
+        if rules.sub_block_length is None:
+            masks_left, broken = torch.stack([block_masks.any(), state.nonfinite]).tolist()  # the step's host sync
+        else:  # the same sync also reads the first eligible mask (whose sub-block this step commits in)
+            masks_left, broken, first = torch.stack([block_masks.any().long(), state.nonfinite.long(),
+                                                     block_masks.any(0).long().argmax()]).tolist()
         if broken:  # the forward just run (number `nfe`)
             raise self._nonfinite_logits_error(state.nfe, state.block, rules.num_blocks)
         if not masks_left:
@@ -437,6 +519,11 @@ class DiffusionGenerationMixin(GenerationMixin):
         # The positions whose logits this forward computes (a shifted model reads position i at i - 1).
         step_start = max(window_start, plan.query_start + shift)
         step_end = min(block_end, plan.query_end + shift)
+        if rules.sub_block_length is not None:
+            size, origin = rules.sub_block_length, state.block_origin
+            sub_start = origin + (window_start + first - origin) // size * size
+            step_start, step_end = max(step_start, sub_start), min(step_end, sub_start + size)
+        step_end = max(step_end, step_start)  # an empty window: a forward that only fills the cache
         eligible = block_masks[:, step_start - window_start : step_end - window_start]
         if plan.row_queries is not None:  # each row commits only where its own logits are fresh
             sources = torch.arange(step_start, step_end, device=canvas.device) - shift - plan.query_start
@@ -452,9 +539,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         start, end = plan.query_start, plan.query_end
         # Position i reads the prediction made at i - shift (position 0 reads its own).
         keep = (torch.arange(step.step_start, step.step_end, device=canvas.device) - shift).clamp_min(0) - start
-        mask = state.padding_mask[:, : plan.key_end] if state.padding_mask is not None else None
-        if plan.row_keys is not None:
-            mask = plan.row_keys if mask is None else mask.bool() & plan.row_keys
+        mask = self._step_attention_mask(state, rules, plan)
         if plan.positions is not None:  # scattered positions: run those, then read the window's logits from them
             slots = torch.zeros((canvas.shape[0], end - start), dtype=torch.long, device=canvas.device)
             slots.scatter_(1, plan.positions - start, torch.arange(plan.positions.shape[1], device=canvas.device)
@@ -476,6 +561,14 @@ class DiffusionGenerationMixin(GenerationMixin):
                 keep = torch.cat([keep, keep])
         return ForwardInputs(inputs, positions, mask, keep, plan.key_end, cfg_scale)
 
+    def _step_attention_mask(self, state: DecodeState, rules: DecodeRules, plan: CacheStep) -> torch.Tensor | None:
+        """The attention mask of a planned forward: (batch, key_end) padding and per-row keys, or None (full
+        attention). A block-diffusion model returns its (batch, 1, queries, key_end) block-causal mask."""
+        mask = state.padding_mask[:, : plan.key_end] if state.padding_mask is not None else None
+        if plan.row_keys is not None:
+            mask = plan.row_keys if mask is None else mask.bool() & plan.row_keys
+        return mask
+
     def _forward_logits(self, inputs: ForwardInputs, cache: DiffusionCache) -> torch.Tensor:
         """Run the model on `inputs` with `cache`: the kept logits (batch, window, vocab), CFG combined."""
         keep = inputs.keep
@@ -494,6 +587,10 @@ class DiffusionGenerationMixin(GenerationMixin):
         window = canvas[:, step_start:step_end]
         remaining = eligible.sum(-1)
         state.nfe += 1
+        if step_end == step_start:  # a forward that only filled the cache (a block-diffusion prompt's prefill)
+            cache.end_step(StepOutcome(canvas, step_start, step_end, eligible, eligible, None))
+            state.step += 1
+            return
         # A row's maximum logit is NaN or +inf when any logit is NaN or +inf (or all are -inf).
         state.nonfinite = (~torch.isfinite(logits.amax(-1)) & eligible).any()
         for processor in rules.processors:
@@ -682,7 +779,16 @@ class DiffusionGenerationMixin(GenerationMixin):
             config.steps = config.max_new_tokens
         config.validate()
         config.check_resolved()
+        self._check_family_settings(config)
         return config
+
+    def _check_family_settings(self, config: DiffusionGenerationConfig) -> None:
+        """Refuse resolved settings that this model family cannot honour (a full-attention model: sub-blocks)."""
+        if config.sub_block_length is not None:
+            raise ValueError(
+                f"sub_block_length={config.sub_block_length} applies to block-diffusion models (Fast-dLLM v2); "
+                f"{type(self).__name__} decodes whole blocks, so leave sub_block_length unset (None)."
+            )
 
     def _position_limit(self) -> tuple[str, int | None]:
         """The longest canvas the model's config allows (LLaDA: max_sequence_length; Dream: max_position_embeddings),
@@ -780,9 +886,17 @@ class DiffusionGenerationMixin(GenerationMixin):
             return past_key_values
         if config.cache_implementation is None:
             return DiffusionCache()
+        cache_class = DIFFUSION_CACHE_CLASSES[config.cache_implementation]
+        if cache_class.block_causal_only:
+            raise ValueError(
+                f"cache_implementation={config.cache_implementation!r} is the exact KV cache of block-diffusion models "
+                f"(Fast-dLLM v2); {type(self).__name__} attends bidirectionally over the whole canvas, so a committed "
+                "block's keys change as later positions are decoded. Use 'prefix', 'dual', 'dllm', 'd2cache', "
+                "'freecache' or None."
+            )
         # The validated config names a registered cache; the instance resolves its cache_config (the call's only
         # resolution: validation only checked it).
-        return DIFFUSION_CACHE_CLASSES[config.cache_implementation](config.cache_config)
+        return cache_class(config.cache_config)
 
     def _prepare_logits_processors(self, config, logits_processor, device) -> LogitsProcessorList:
         processors = LogitsProcessorList()
@@ -917,3 +1031,80 @@ class DiffusionGenerationMixin(GenerationMixin):
             if getattr(config, name, None) is None and value is not None:
                 setattr(config, name, value)
 
+
+# ------------------------------------------------------------------------------------------ shared forwards
+class _SharedForwardCache(DiffusionCache):
+    """The cache a shared forward is given: each request's rows go to that request's own cache.
+
+    Row block i of the forward holds request i's queries at its right end (left-padded to the forward's length); its
+    own cache receives exactly those queries' keys and values and returns the keys and values the request attends
+    to, which are left-padded to the forward's key length (the attention mask hides the padding)."""
+
+    def __init__(self, parts: list[tuple[slice, int, DiffusionCache]], key_length: int):
+        super().__init__()
+        self.parts, self.key_length = parts, key_length
+
+    def update(self, key, value, layer_idx):
+        queries = key.shape[2]
+        keys, values = [], []
+        for rows, length, cache in self.parts:
+            own_key, own_value = cache.update(key[rows, :, queries - length:], value[rows, :, queries - length:],
+                                              layer_idx)
+            pad = self.key_length - own_key.shape[2]
+            if pad:
+                own_key, own_value = F.pad(own_key, (0, 0, pad, 0)), F.pad(own_value, (0, 0, pad, 0))
+            keys.append(own_key)
+            values.append(own_value)
+        return torch.cat(keys), torch.cat(values)
+
+
+def shared_forward(model, entries: list[tuple[ForwardInputs, DiffusionCache]]) -> list[torch.Tensor]:
+    """Run several requests' step inputs as one forward; returns each request's step logits, as
+    `model._forward_logits(inputs, cache)` would give them alone (up to float rounding)."""
+    if len(entries) == 1:
+        inputs, cache = entries[0]
+        return [model._forward_logits(inputs, cache)]
+    queries = max(inputs.input_ids.shape[1] for inputs, _ in entries)
+    key_length = max(inputs.key_end for inputs, _ in entries)
+    blockwise = any(i.attention_mask is not None and i.attention_mask.dim() == 4 for i, _ in entries)
+    ids, positions, masks, keeps, parts = [], [], [], [], []
+    needs_mask = blockwise
+    first_row = 0
+    for inputs, cache in entries:
+        rows, length = inputs.input_ids.shape
+        pad = queries - length
+        ids.append(F.pad(inputs.input_ids, (pad, 0)))
+        positions.append(F.pad(inputs.position_ids, (pad, 0)))
+        own = inputs.attention_mask
+        device = inputs.input_ids.device
+        if own is None:
+            own = torch.ones((rows, inputs.key_end), dtype=torch.bool, device=device)
+        own = own.bool()
+        needs_mask = needs_mask or inputs.key_end < key_length or not bool(own.all())
+        if blockwise:  # (rows, 1, queries, keys): each query row keeps its own mask; padded query rows see the row's
+            # keys (their outputs are never read), padded keys are hidden from every query
+            if own.dim() == 2:
+                own = own[:, None, None, :].expand(rows, 1, length, inputs.key_end)
+            full = torch.zeros((rows, 1, queries, key_length), dtype=torch.bool, device=device)
+            full[:, :, :pad, key_length - inputs.key_end:] = True
+            full[:, :, pad:, key_length - inputs.key_end:] = own
+            masks.append(full)
+        else:
+            masks.append(F.pad(own, (key_length - inputs.key_end, 0), value=False))
+        keeps.append(inputs.keep + pad)
+        parts.append((slice(first_row, first_row + rows), length, cache))
+        first_row += rows
+    union = torch.unique(torch.cat([keep.reshape(-1) for keep in keeps]))  # sorted
+    logits = model(input_ids=torch.cat(ids), position_ids=torch.cat(positions),
+                   attention_mask=torch.cat(masks) if needs_mask else None,
+                   past_key_values=_SharedForwardCache(parts, key_length), logits_to_keep=union).logits
+    results = []
+    for (inputs, _), keep, (rows, _, _) in zip(entries, keeps, parts):
+        columns = torch.searchsorted(union, keep)
+        own = logits[rows]
+        if columns.dim() == 1:
+            own = own[:, columns]
+        else:
+            own = own.gather(1, columns[..., None].expand(-1, -1, own.shape[-1]))
+        results.append(inputs.combine(own))
+    return results

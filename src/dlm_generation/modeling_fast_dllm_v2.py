@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .configuration_fast_dllm_v2 import FastDLLMV2Config
+from .diffusion_kv_caches import BlockKVCache
 from .modeling_diffusion_utils import default_position_ids
 from .modeling_dream import DreamModel
 
@@ -59,17 +60,65 @@ class FastDLLMV2Model(DreamModel):
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                **kwargs)
 
-    def diffusion_generate(self, *args, **kwargs):
-        """Not available yet for this family: its decoding (an exact KV cache of committed blocks, sub-blocks, the
-        first token of each block from the commit forward) is not the full-attention loop's, and running that loop
-        would silently decode differently from the reference."""
-        raise NotImplementedError(
-            "Fast-dLLM v2 decoding (block KV cache and sub-blocks) is not implemented in this version of "
-            "dlm-generation; the model class loads the weights and computes block-causal logits only."
-        )
+    # ------------------------------------------------------------------------------------------- decoding
+    diffusion_threshold_strict = True  # the reference commits probability > threshold
+    diffusion_block_causal = True
 
-    def generate(self, *args, **kwargs):
-        return self.diffusion_generate(*args, **kwargs)
+    @property
+    def diffusion_generation_defaults(self) -> dict:
+        """The reference `generate`'s settings: blocks of the trained size, sub-blocks of 8, the exact block cache,
+        greedy, a stop at the first settled stop token (sub-blocks only when 8 divides the block); threshold 0.9 (the authors' README and evaluation; their
+        `generate` defaults to 1, one token per step)."""
+        block = self.config.bd_size
+        return {"schedule": "linear", "alg": "low_confidence", "threshold": 0.9, "block_length": block,
+                "sub_block_length": 8 if block % 8 == 0 else None, "cache_implementation": "block",
+                "eos_early_stop": True}
+
+    @staticmethod
+    def _diffusion_blocks(prompt_len, max_new_tokens, block_length):
+        """Blocks aligned to `block_length` from the sequence start, as the model was trained: the first one holds
+        the prompt's tail (its origin is inside the prompt), the last one ends at the canvas end."""
+        end = prompt_len + max_new_tokens
+        blocks, start = [], prompt_len
+        while start < end:
+            origin = start // block_length * block_length
+            stop = min(origin + block_length, end)
+            blocks.append((start, stop, origin))
+            start = stop
+        return blocks
+
+    def _check_family_settings(self, config):
+        problems = []
+        if config.cache_implementation != "block":
+            problems.append(
+                f"cache_implementation={config.cache_implementation!r}: Fast-dLLM v2 decodes with its exact block KV "
+                "cache, cache_implementation='block' (committed blocks are cached as an AR model's tokens are); the "
+                "approximate caches are built for full-attention models.")
+        if config.block_length is None:
+            problems.append(f"block_length=None: blocks are the model's unit of decoding; use block_length="
+                            f"{self.config.bd_size} (the trained bd_size).")
+        if config.cfg_scale:
+            problems.append("cfg_scale: classifier-free guidance is not defined for Fast-dLLM v2 (the reference has "
+                            "none); leave cfg_scale=0.")
+        if config.guidance is not None:
+            problems.append("guidance: AR-guided diffusion is built for full-attention models; Fast-dLLM v2 already "
+                            "decodes block by block with an exact cache.")
+        if problems:
+            raise ValueError("Invalid settings for Fast-dLLM v2:\n  - " + "\n  - ".join(problems))
+
+    def _prepare_diffusion_cache(self, config, past_key_values):
+        if past_key_values is not None and not isinstance(past_key_values, BlockKVCache):
+            raise ValueError(f"past_key_values must be a BlockKVCache for Fast-dLLM v2 (got "
+                             f"{type(past_key_values).__name__}).")
+        return past_key_values or BlockKVCache(config.cache_config, block_length=config.block_length)
+
+    def _step_attention_mask(self, state, rules, plan):
+        """The block-causal mask of the planned forward: queries [query_start, query_end) against keys [0, key_end),
+        by position ids (blocks counted from each row's first real token), padding hidden."""
+        queries = state.position_ids[:, plan.query_start:plan.query_end]
+        keys = state.position_ids[:, :plan.key_end]
+        padding = state.padding_mask[:, :plan.key_end] if state.padding_mask is not None else None
+        return block_causal_mask(queries, rules.block_length, padding, keys)
 
 
 __all__ = ["FastDLLMV2Model", "block_causal_mask"]
