@@ -113,6 +113,13 @@ def test_guided_generation_from_the_command_line(capsys):
      r"cannot load the adapter --peft '/nonexistent/adapter': no PEFT adapter folder at /nonexistent/adapter"),
     ([LLADA, "--prompt", "x", "--threads", "many"], r"argument --threads: invalid int value: 'many'"),
     (["--prompt", "x"], r"the following arguments are required: model"),
+    ([LLADA, "--prompt", "x", "--num-workers", "2"], r"--num-workers needs --ray"),
+    ([LLADA, "--prompt", "x", "--address", "auto"], r"--address needs --ray"),
+    ([LLADA, "--prompt", "x", "--ray", "--num-workers", "0"], r"--num-workers must be at least 1, got 0"),
+    ([LLADA, "--chat", "--ray"], r"--chat does not run with --ray; drop one of them"),
+    ([LLADA, "--prompt", "x", "--ray", "--trace"], r"--trace does not run with --ray; drop one of them"),
+    (["/nonexistent/model", "--prompt", "x", "--ray"], r"no model folder at /nonexistent/model"),
+    ([LLADA, "--prompt", "x", "--ray", "--dtype", "float8"], r"dtype 'float8' is not one of float32"),
 ])
 def test_bad_input_exits_with_one_clear_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -4,6 +4,7 @@
     dlm-generate MODEL --prompts-file questions.txt --threshold 0.9 --cache-implementation dual --json
     echo "Start with 8. Add 75." | dlm-generate MODEL --prompts-file -
     dlm-generate MODEL --chat
+    dlm-generate MODEL --prompts-file questions.txt --ray --num-workers 4   # one model per Ray actor
 
 Every field of `DiffusionGenerationConfig` that `diffusion_generate` reads is a flag (`--block-length 32`,
 `--eos-early-stop`, `--cache-config '{"window_left": 64}'`; values are read as JSON, so `--block-length null`
@@ -11,12 +12,17 @@ asks for the default, and a field that takes a dict or a list must get valid JSO
 own `generation_config.json`. Completions go to stdout, followed by a stats line; `--json` prints one JSON document
 instead; a progress bar on stderr follows many prompts. Every error (a bad flag value, a model folder that does not
 exist, a prompt the model refuses) is one line `dlm-generate: error: ...` on stderr, exit status 2.
+
+`--ray` decodes the prompts on a pool of Ray actors (`dlm_generation.ray_data.generate_dataset`, one model per actor,
+`--num-workers` of them, on a local Ray started for the run or the cluster at `--address`); the prompts are cut into
+the same `--batch-size` batches, so the output is the single-process run's (timings aside).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -166,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    run.add_argument("--ray", action="store_true",
+                     help="decode on a pool of Ray actors, one model each (pip install 'dlm-generation[serve]'); "
+                          "same batches and output as without it")
+    run.add_argument("--num-workers", type=int, default=None,
+                     help="with --ray: the number of actors (default 2), each using --threads CPU threads (default 1)")
+    run.add_argument("--address", default=None,
+                     help="with --ray: the Ray cluster to join (default: start a local Ray for the run)")
     run.add_argument("--trace", action="store_true",
                      help="show when each token was committed: a coloured trace under each completion (step numbers "
                           "under the tokens when stdout is not a terminal); with --json, each completion's "
@@ -228,10 +241,24 @@ def encode(tokenizer, messages_or_prompts, use_template: bool, device):
     return tokenizer(messages_or_prompts, return_tensors="pt", padding=True).to(device)
 
 
+def uses_chat_template(tokenizer, raw: bool = False) -> bool:
+    """Whether prompts are wrapped in the tokenizer's chat template: it has one and `raw` (--raw) is not asked."""
+    return not raw and tokenizer.chat_template is not None
+
+
+def generate_prompts(model, tokenizer, guide, prompts: list[str], overrides, use_template: bool, device,
+                     trace: bool = False) -> tuple[list[str], dict]:
+    """Decode one batch of prompt strings as `dlm-generate` does: each prompt is one user turn of the chat template
+    (or the bare text without it), the batch is left-padded and decoded by one `generate` call."""
+    messages = [[{"role": "user", "content": p}] for p in prompts] if use_template else list(prompts)
+    return generate(model, tokenizer, guide, encode(tokenizer, messages, use_template, device), overrides, trace)
+
+
 def generate(model, tokenizer, guide, inputs, overrides, trace: bool = False) -> tuple[list[str], dict]:
     """Decode one batch; return the completions (cut at the first stop token) and the call's stats.
 
-    With `trace`, stats["commit_steps"] holds each completion's commit steps (up to its stop token).
+    stats["lengths"] holds each completion's generated token count (up to and including its stop token). With
+    `trace`, stats["commit_steps"] holds each completion's commit steps (up to its stop token).
     """
     extra = {"assistant_model": guide} if guide is not None else {}
     if trace:
@@ -247,7 +274,7 @@ def generate(model, tokenizer, guide, inputs, overrides, trace: bool = False) ->
     completions = tokenizer.batch_decode([row[:n] for row, n in zip(generated.tolist(), lengths)],
                                          skip_special_tokens=True)
     stats = {"nfe": out.nfe, "tokens": sum(lengths), "seconds": seconds,
-             "guide_forwards": out.assistant_forwards}
+             "guide_forwards": out.assistant_forwards, "lengths": lengths}
     if trace:
         stats["tokens_ids"] = [row[:n] for row, n in zip(generated.tolist(), lengths)]
         stats["commit_steps"] = [row[:n] for row, n in zip(out.commit_steps.tolist(), lengths)]
@@ -300,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args, parser)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_ray_flags(args, parser)
     import torch
 
     if args.threads:
@@ -311,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         DiffusionGenerationConfig(**overrides)  # every bad flag value, reported before the model loads
     except ValueError as error:
         parser.error(str(error))
+    if args.ray:
+        return run_ray(args, parser, prompts, overrides)
     model, tokenizer, guide = load(args, parser)
-    use_template = not args.raw and tokenizer.chat_template is not None
+    use_template = uses_chat_template(tokenizer, args.raw)
     with torch.inference_mode():
         try:
             if args.chat:
@@ -330,9 +360,8 @@ def run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template)
     bar = tqdm(total=len(prompts), unit="prompt", disable=len(batches) < 2, file=sys.stderr)
     copies = overrides.get("num_return_sequences") or 1
     for batch in batches:
-        messages = [[{"role": "user", "content": p}] for p in batch] if use_template else batch
-        completions, stats = generate(model, tokenizer, guide, encode(tokenizer, messages, use_template, args.device),
-                                      overrides, args.trace)
+        completions, stats = generate_prompts(model, tokenizer, guide, batch, overrides, use_template, args.device,
+                                              args.trace)
         for index, prompt in enumerate(batch):
             result = {"prompt": prompt, "completions": completions[index * copies:(index + 1) * copies]}
             if args.trace:
@@ -346,6 +375,11 @@ def run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template)
             totals["guide_forwards"] = (totals["guide_forwards"] or 0) + stats["guide_forwards"]
         bar.update(len(batch))
     bar.close()
+    return print_results(args, tokenizer, results, totals, overrides)
+
+
+def print_results(args, tokenizer, results: list[dict], totals: dict, overrides) -> int:
+    """Print the completions and the stats line, or with --json one JSON document."""
     if args.json:
         totals["tokens_per_forward"] = totals["tokens"] / max(totals["nfe"], 1)
         totals["tokens_per_second"] = totals["tokens"] / max(totals["seconds"], 1e-9)
@@ -361,6 +395,63 @@ def run_prompts(args, model, tokenizer, guide, prompts, overrides, use_template)
                 print(trace_text(tokenizer, *result["traces"][index]))
     print(stats_line(totals))
     return 0
+
+
+def check_ray_flags(args, parser) -> None:
+    """--num-workers and --address need --ray; --ray decodes a prompt list (no --chat, no --trace)."""
+    if not args.ray:
+        for flag, value in (("--num-workers", args.num_workers), ("--address", args.address)):
+            if value is not None:
+                parser.error(f"{flag} needs --ray")
+        return
+    if args.num_workers is None:
+        args.num_workers = 2
+    if args.num_workers < 1:
+        parser.error(f"--num-workers must be at least 1, got {args.num_workers}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    for flag, value in (("--chat", args.chat), ("--trace", args.trace)):
+        if value:
+            parser.error(f"{flag} does not run with --ray; drop one of them")
+
+
+def run_ray(args, parser, prompts: list[str], overrides) -> int:
+    """The prompts through `ray_data.generate_dataset` (same batches as `run_prompts`, so the same output). A local Ray
+    is started for the run (num_cpus = workers x threads, no dashboard, a small object store) and shut down after it,
+    unless this process runs Ray already or --address (else RAY_ADDRESS) names a cluster to join."""
+    from . import ray_data
+
+    try:  # a mistake answers before Ray starts
+        ray_data.check_settings(args.model, assistant_model=args.assistant_model, peft=args.peft, device=args.device,
+                                dtype=args.dtype, **overrides)
+        ray = ray_data.import_ray()
+    except (ValueError, ImportError) as error:
+        parser.error(one_line(error))
+    threads = args.threads or 1
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    started = not ray.is_initialized()
+    if started:
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            else:
+                ray.init(num_cpus=args.num_workers * threads, include_dashboard=False, log_to_driver=False,
+                         logging_level="WARNING", object_store_memory=ray_data.LOCAL_OBJECT_STORE_BYTES)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            parser.error(f"cannot start or join Ray{' at ' + address if address else ''}: "
+                         f"{one_line(error)}")
+    try:
+        rows = ray_data.generate_dataset(
+            prompts, args.model, num_workers=args.num_workers, batch_size=args.batch_size, threads_per_worker=threads,
+            use_chat_template=not args.raw, assistant_model=args.assistant_model, peft=args.peft, device=args.device,
+            dtype=args.dtype, seed=args.seed, **overrides)
+    except ValueError as error:
+        parser.error(one_line(error))
+    finally:
+        if started:
+            ray.shutdown()
+    results = [{"prompt": row["prompt"], "completions": row["completions"]} for row in rows]
+    return print_results(args, None, results, ray_data.totals(rows), overrides)
 
 
 if __name__ == "__main__":
