@@ -271,8 +271,12 @@ def test_input_errors(engine, llada_chain_arith):
     engine.add_request("a", [1, 5, 6])
     with pytest.raises(ValueError, match="already in the engine"):
         engine.add_request("a", [1, 5, 6])
+    engine.add_request("b", [1, 5, 6])  # the second free row
+    assert engine.queued_beyond_free_rows() == 0
+    engine.add_request("c", [1, 5, 6])  # waits beyond the free rows: the one allowed
+    assert engine.queued_beyond_free_rows() == 1
     with pytest.raises(EngineFullError, match="max_queued_requests=1"):
-        engine.add_request("b", [1, 5, 6])
+        engine.add_request("d", [1, 5, 6])
     with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
         DiffusionEngine(llada_chain_arith).add_request("s", [1, 5], stop_strings=["."])
     big = DiffusionEngine(llada_chain_arith, max_batch_size=1)

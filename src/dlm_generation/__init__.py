@@ -15,6 +15,7 @@ from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, StepOutcom
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_adaptive_caches import D2Cache, DLLMCache
 from .diffusion_kv_caches import BlockKVCache, DualCache, FreeCache, PrefixCache
+from .engine import DiffusionEngine, EngineFullError, RequestOutput
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin, generated_lengths
 from .modeling_dream import DreamModel
 from .modeling_fast_dllm_v2 import FastDLLMV2Model
@@ -44,7 +45,10 @@ __all__ = [
     "DLLMCache",
     "DualCache",
     "FreeCache",
+    "DiffusionEngine",
     "DiffusionGenerateOutput",
+    "EngineFullError",
+    "RequestOutput",
     "DiffusionGenerationConfig",
     "DiffusionGenerationMixin",
     "DreamConfig",

@@ -119,7 +119,8 @@ class DiffusionEngine:
         tokenizer: for `text` / `new_text` in the outputs and for `stop_strings` (optional).
         max_batch_size: forward rows decoded at once (a request with classifier-free guidance takes two); requests
             beyond it wait, first come first served.
-        max_queued_requests: waiting requests allowed before `add_request` raises `EngineFullError` (None: no limit).
+        max_queued_requests: requests allowed to wait beyond the rows the batch has free (0: refuse a request when
+            every row is taken) before `add_request` raises `EngineFullError` (None: no limit).
         max_canvas_length: the longest prompt + max_new_tokens a request may ask for (default: the model's position
             limit); a longer request is refused at `add_request`.
         assistant_model: the AR guide for requests whose config sets `guidance` (as in `diffusion_generate`).
@@ -154,7 +155,8 @@ class DiffusionEngine:
 
         Args:
             request_id: a unique id (in use: `ValueError`).
-            input_ids: the prompt's token ids: a list of ints, a 1-D tensor or a (1, prompt_len) tensor.
+            input_ids: the prompt's token ids: a list of ints, a 1-D tensor, a (1, prompt_len) tensor, or what a
+                tokenizer returns for one prompt (`tokenizer(text)`, `tokenizer.apply_chat_template(messages)`).
             generation_config: a `DiffusionGenerationConfig` for this request (the model's own when None).
             kwargs: any `DiffusionGenerationConfig` field (`max_new_tokens`, `threshold`, `cache_implementation`, ...).
 
@@ -166,10 +168,15 @@ class DiffusionEngine:
         request_id = str(request_id)
         if request_id in self._ids:
             raise ValueError(f"request_id {request_id!r} is already in the engine; use a new id per request.")
-        if self.max_queued_requests is not None and len(self.waiting) >= self.max_queued_requests:
-            raise EngineFullError(f"{len(self.waiting)} requests are already waiting (max_queued_requests="
-                                  f"{self.max_queued_requests}); retry later.")
+        if self.max_queued_requests is not None and self.queued_beyond_free_rows() >= self.max_queued_requests:
+            raise EngineFullError(f"every one of the {self.max_batch_size} rows is taken and "
+                                  f"{self.queued_beyond_free_rows()} request(s) already wait for one "
+                                  f"(max_queued_requests={self.max_queued_requests}); retry later.")
         model = self.model
+        if hasattr(input_ids, "keys") and "input_ids" in input_ids:  # a tokenizer's BatchEncoding / dict
+            input_ids = input_ids["input_ids"]
+        if isinstance(input_ids, (list, tuple)) and len(input_ids) == 1 and isinstance(input_ids[0], (list, tuple)):
+            input_ids = input_ids[0]
         if isinstance(input_ids, (list, tuple)):
             if not input_ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in input_ids):
                 raise ValueError("input_ids must be a non-empty list of token ids (ints), e.g. "
@@ -222,13 +229,30 @@ class DiffusionEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    @property
+    def rows_in_use(self) -> int:
+        """Forward rows taken by running requests (at most `max_batch_size`)."""
+        return sum(r.rows for r in self.running)
+
+    def queued_beyond_free_rows(self) -> int:
+        """Waiting requests that the next step will not admit (admission is first come, first served)."""
+        used, beyond = self.rows_in_use, 0
+        static_full = self.scheduling == "static" and bool(self.running)
+        for request in self.waiting:
+            if beyond == 0 and not static_full and used + request.rows <= self.max_batch_size:
+                used += request.rows
+            else:
+                beyond += 1
+        return beyond
+
     # ------------------------------------------------------------------------------------------- stepping
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         """Admit waiting requests into free rows, advance every running request by one denoising step (one shared
         forward), and report each running request: its settled text so far, and for those that finished, the end
         (a request is reported finished at the step whose commits finished it)."""
-        outputs = [output for output in map(self._plan, self._admit()) if output is not None]
+        admitted, outputs = self._admit()
+        outputs += [output for output in map(self._plan, admitted) if output is not None]
         stepping = [r for r in self.running if r.planned is not None]
         shared = [r for r in stepping if _shares_forward(r.state.cache)]
         groups = ([shared] if shared else []) + [[r] for r in stepping if not _shares_forward(r.state.cache)]
@@ -257,11 +281,12 @@ class DiffusionEngine:
             return self._fail(request, error)
         return self._finish(request) if request.planned is None else None
 
-    def _admit(self) -> list[_Request]:
-        """Move waiting requests into free rows (first come, first served); returns those admitted."""
-        admitted = []
+    def _admit(self) -> tuple[list[_Request], list[RequestOutput]]:
+        """Move waiting requests into free rows (first come, first served); returns those admitted, and the error
+        outputs of those whose decode state could not be built."""
+        admitted, failed = [], []
         if self.scheduling == "static" and self.running:
-            return admitted
+            return admitted, failed
         used = sum(r.rows for r in self.running)
         while self.waiting and used + self.waiting[0].rows <= self.max_batch_size:
             request = self.waiting.popleft()
@@ -270,13 +295,13 @@ class DiffusionEngine:
                     request.input_ids, None, request.config, guidance=request.guidance,
                     assistant_model=self.assistant_model, hidden_ids=request.hidden_ids, tokenizer=self.tokenizer,
                 )
-            except Exception:
-                self._ids.discard(request.request_id)
-                raise
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory: this request fails, the engine goes on
+                failed.append(self._fail(request, error))
+                continue
             self.running.append(request)
             admitted.append(request)
             used += request.rows
-        return admitted
+        return admitted, failed
 
     def _release(self, request: _Request) -> None:
         self._ids.discard(request.request_id)

@@ -518,14 +518,7 @@ class EngineRunner:
 
     def _queued_beyond_free_rows(self) -> int:
         """Waiting requests that will not be admitted at the next step (the engine admits first come first served)."""
-        engine = self.engine
-        used, beyond = sum(r.rows for r in engine.running), 0
-        for request in engine.waiting:
-            if beyond == 0 and used + request.rows <= engine.max_batch_size:
-                used += request.rows
-            else:
-                beyond += 1
-        return beyond
+        return self.engine.queued_beyond_free_rows()
 
     def _full_message(self, queued: int) -> str:
         return (f"the server is full: all {self.engine.max_batch_size} batch rows are taken and {max(queued, 0)} "
@@ -848,7 +841,8 @@ def build_engine(options: dict):
                                           options.get("device") or "cpu", options.get("dtype"), options.get("peft"),
                                           option_names={"assistant_model": "--assistant-model", "peft": "--peft"})
     engine = DiffusionEngine(model, tokenizer, max_batch_size=options.get("max_batch_size") or 16,
-                             max_canvas_length=options.get("max_canvas_length"), assistant_model=guide)
+                             max_canvas_length=options.get("max_canvas_length"), assistant_model=guide,
+                             scheduling=options.get("scheduling") or "continuous")
     return engine, tokenizer
 
 
@@ -923,6 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--device", metavar="DEVICE", default="cpu",
                         help="torch device of each replica (default cpu; cuda takes one GPU per replica)")
     engine.add_argument("--dtype", metavar="DTYPE", default=None, help="float32 (CPU default), bfloat16, float16")
+    engine.add_argument("--scheduling", choices=("continuous", "static"), default="continuous",
+                        help="continuous (default): requests join and leave the batch at every step; static: a batch "
+                             "waits for its slowest row before new requests join (for comparisons)")
     engine.add_argument("--threads", metavar="T", type=int, default=1, help="torch CPU threads per replica (default 1)")
     ray_group = parser.add_argument_group("Ray")
     ray_group.add_argument("--num-replicas", metavar="N", type=int, default=1,
@@ -942,6 +939,7 @@ def server_options(args) -> dict:
             "dtype": args.dtype, "threads": args.threads, "max_batch_size": args.max_batch_size,
             "max_queued_requests": args.max_queued_requests, "max_canvas_length": args.max_canvas_length,
             "served_model_name": args.served_model_name or args.model, "api_key": api_key,
+            "scheduling": args.scheduling,
             "shutdown_timeout": args.shutdown_timeout}
 
 
