@@ -1072,4 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dlm_generation.serve`: run the importable module's main, so that Ray ships the replica class by
+    # reference (a class of `__main__` is pickled by value, which loses the names its route annotations refer to).
+    from dlm_generation.serve import main as module_main
+
+    sys.exit(module_main())
