@@ -7,7 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlm_generation.engine import DiffusionEngine, EngineFullError, shared_forward
+from dlm_generation.engine import DiffusionEngine, EngineFullError
+from dlm_generation.generation_utils import forward_buckets, shared_forward
 from dlm_generation.tasks.chain_arith import dev_split, is_correct
 
 PROBLEMS = dev_split(24)
@@ -118,8 +119,8 @@ def test_all_settings_at_once_share_one_forward_and_stay_exact(family, chain_ari
     engine = DiffusionEngine(model, chain_arith_tokenizer, max_batch_size=len(SETTINGS))
     final, steps = run_schedule(engine, jobs, [0] * len(jobs))
     check_against_solo(model, jobs, final)
-    # dLLM-Cache runs its own forward; the rest share one per step.
-    assert engine.forwards <= 2 * steps
+    # dLLM-Cache runs its own forward; the rest share one per bucket of query counts (full canvas, block, ...).
+    assert steps <= engine.forwards <= 4 * steps
 
 
 def test_a_short_request_arriving_later_finishes_first(llada_chain_arith, chain_arith_tokenizer):
@@ -232,6 +233,17 @@ def test_shared_forward_equals_separate_forwards(llada_chain_arith, chain_arith_
             model._finish_step(state, rules, planned, logits)
         states = [(s, r, model._next_step(s, r)) for s, r, _ in states]
         assert all(p is not None for _, _, p in states)
+
+
+def test_forward_buckets_keep_short_steps_apart_from_whole_canvas_ones():
+    from dlm_generation.generation_utils import ForwardInputs
+
+    def entry(queries):
+        ids = torch.zeros((1, queries), dtype=torch.long)
+        return ForwardInputs(ids, ids, None, torch.arange(1), queries), None
+
+    entries = [entry(q) for q in (300, 8, 8, 290, 5, 1, 160)]
+    assert forward_buckets(entries) == [[5], [1, 2, 4], [6], [0, 3]]
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs

@@ -3,7 +3,9 @@
 `diffusion_generate` decodes one batch from start to end: every row waits for the slowest. The engine keeps one
 decode state per request (the same `DecodeState` / `DecodeRules` a `diffusion_generate` call builds for that prompt
 alone) and advances all of them by one denoising step per `step()`: each request plans its own step (its block, its
-window, its cache's plan), the plans run as **one** model forward, and each request commits from its own logits.
+window, its cache's plan), the plans run as one model forward (one per group of similar query counts, so that a
+block's few-query cached steps are not padded to a whole-canvas forward), and each request commits from its own
+logits.
 Requests join at the next step and leave when they finish, so a short request that arrives while a long one decodes
 finishes first.
 
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from .diffusion_cache import DiffusionCache
-from .generation_utils import DecodeRules, DecodeState, PlannedStep, shared_forward
+from .generation_utils import DecodeRules, DecodeState, PlannedStep, shared_forwards
 
 
 class EngineFullError(RuntimeError):
@@ -147,7 +149,7 @@ class DiffusionEngine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._ids = set()
-        self.forwards = 0  # shared forwards run (a step with k non-sharing requests runs up to k + 1)
+        self.forwards = 0  # model forwards run (per step: one per bucket of similar query counts, one per non-sharing request)
 
     # ------------------------------------------------------------------------------------------- requests
     def add_request(self, request_id: str, input_ids, generation_config=None, **kwargs) -> None:
@@ -259,8 +261,8 @@ class DiffusionEngine:
         for group in groups:
             try:
                 entries = [(self.model._step_inputs(r.state, r.rules, r.planned), r.state.cache) for r in group]
-                all_logits = shared_forward(self.model, entries)
-                self.forwards += 1
+                all_logits, forwards = shared_forwards(self.model, entries)
+                self.forwards += forwards
             except Exception as error:  # noqa: BLE001 - a failed forward fails its requests, not the engine
                 outputs.extend(self._fail(r, error) for r in group)
                 continue

@@ -329,8 +329,9 @@ class DiffusionGenerationMixin(GenerationMixin):
     def _diffusion_generate_rows(self, input_ids, attention_mask, given_prompt, config, logits_processor,
                                  stopping_criteria, streamer, past_key_values, tokenizer):
         """`diffusion_generate` for a batch of a block-diffusion model: one decode state per row (its padding
-        removed), stepped together with one shared forward per step (`shared_forward`), so every row equals its
-        solo call. `nfe` counts the shared forwards; `commit_steps` index them."""
+        removed), stepped together: per step one shared forward per bucket of similar query counts (`shared_forward`,
+        `forward_buckets`: a row's prefill does not pad the others' block steps), so every row equals its solo call.
+        `nfe` counts the shared forwards; `commit_steps` index them."""
         for name, value in (("streamer", streamer), ("past_key_values", past_key_values),
                             ("output_history", config.output_history or None)):
             if value is not None:
@@ -354,11 +355,14 @@ class DiffusionGenerationMixin(GenerationMixin):
                 active = [entry for entry in rows if entry[2] is not False]
                 if not active:
                     break
-                logits = shared_forward(self, [(self._step_inputs(s, r, p), s.cache) for s, r, p, _ in active])
-                nfe += 1
-                for (state, rules, planned, forwards), own in zip(active, logits):
-                    forwards.append(nfe)
-                    self._finish_step(state, rules, planned, own)
+                entries = [(self._step_inputs(s, r, p), s.cache) for s, r, p, _ in active]
+                for bucket in forward_buckets(entries):
+                    logits = shared_forward(self, [entries[i] for i in bucket])
+                    nfe += 1
+                    for index, own in zip(bucket, logits):
+                        state, rules, planned, forwards = active[index]
+                        forwards.append(nfe)
+                        self._finish_step(state, rules, planned, own)
         finally:
             for state, *_ in rows:
                 state.cache.end_generation()
@@ -1056,6 +1060,26 @@ class _SharedForwardCache(DiffusionCache):
             keys.append(own_key)
             values.append(own_value)
         return torch.cat(keys), torch.cat(values)
+
+
+def forward_buckets(entries: list[tuple[ForwardInputs, DiffusionCache]]) -> list[list[int]]:
+    """Group step inputs whose query counts are within a factor of two (the same power-of-two bucket), so that a
+    shared forward never pads a few-query step (a cached block) to a whole-canvas one: indices into `entries`."""
+    buckets: dict[int, list[int]] = {}
+    for index, (inputs, _) in enumerate(entries):
+        buckets.setdefault(max(inputs.input_ids.shape[1] - 1, 0).bit_length(), []).append(index)
+    return [buckets[key] for key in sorted(buckets)]
+
+
+def shared_forwards(model, entries: list[tuple[ForwardInputs, DiffusionCache]]) -> tuple[list[torch.Tensor], int]:
+    """Each entry's step logits (in order) from one shared forward per bucket (`forward_buckets`), and the number
+    of forwards run."""
+    results: list[torch.Tensor | None] = [None] * len(entries)
+    buckets = forward_buckets(entries)
+    for bucket in buckets:
+        for index, logits in zip(bucket, shared_forward(model, [entries[i] for i in bucket])):
+            results[index] = logits
+    return results, len(buckets)
 
 
 def shared_forward(model, entries: list[tuple[ForwardInputs, DiffusionCache]]) -> list[torch.Tensor]:
