@@ -42,6 +42,13 @@ CHAIN_ARITH_TOKENIZER = CARDS / "tiny-chain-arith-tokenizer"
 
 # ---------------------------------------------------------------------------------------------------- markers
 # `slow` and `nightly` are registered in pyproject.toml.
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`), tests that share a `xdist_group` (the Ray modules: one local Ray cluster each)
+    run on one worker, so two workers never start two Ray clusters on the same cores at once."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
 def pytest_collection_modifyitems(config, items):
     """Leave out `nightly` tests unless the -m expression names them (`pytest -m nightly`)."""
     if "nightly" in (config.getoption("markexpr") or ""):

@@ -106,7 +106,7 @@ def test_every_request_equals_its_solo_run_under_random_arrivals(family, chain_a
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_every_request_equals_its_solo_run_under_many_random_arrivals(family, chain_arith_tokenizer, data):
     _property(family, chain_arith_tokenizer, data)

@@ -26,7 +26,7 @@ from dlm_generation.loading import load_models  # noqa: E402
 from dlm_generation.ray_data import _value_error, generate_dataset, totals  # noqa: E402
 from dlm_generation.tasks.chain_arith import dev_split, is_correct  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-data")]
 
 ROOT = Path(__file__).resolve().parents[1]
 LLADA = str(ROOT / "model_cards" / "tiny-llada-chain-arith")

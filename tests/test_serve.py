@@ -38,7 +38,7 @@ from dlm_generation.engine import DiffusionEngine  # noqa: E402
 from dlm_generation.generation_utils import generated_lengths  # noqa: E402
 from dlm_generation.serve import EngineRunner, QueueFullError, StopCutter, create_app, main  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-serve")]
 
 KEY = "test-key-123"
 NAME = "tiny-llada"
