@@ -550,6 +550,10 @@ def test_cache_implementation_name_runs_its_registered_class(llada, monkeypatch,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "begin_generation", recording)
+    if cls.block_causal_only:  # the block-diffusion models' cache: a full-attention model refuses it
+        with pytest.raises(ValueError, match="exact KV cache of block-diffusion models"):
+            llada.diffusion_generate(prompt(), max_new_tokens=4, steps=2, cache_implementation=name)
+        return
     out = llada.diffusion_generate(prompt(), max_new_tokens=4, steps=2, cache_implementation=name)
     assert used == [cls] and not (out == MASK_ID).any()
 
