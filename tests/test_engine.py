@@ -299,3 +299,22 @@ def test_input_errors(engine, llada_chain_arith):
             DiffusionEngine(llada_chain_arith, **bad)
     with pytest.raises(ValueError, match="diffusion LM"):
         DiffusionEngine(torch.nn.Linear(2, 2))
+
+
+def test_block_diffusion_requests_equal_their_solo_runs():
+    """Fast-dLLM v2 requests (block-causal masks, the exact block cache, aligned blocks) through the engine."""
+    from pathlib import Path
+
+    from dlm_generation import FastDLLMV2Model
+
+    folder = Path(__file__).parent / "fixtures" / "golden_block_diffusion" / "tiny-fast-dllm-v2"
+    model = FastDLLMV2Model.from_pretrained(folder).eval()
+    ids = [list(range(10, 15)), list(range(40, 73)), list(range(100, 145))]  # 5, 33 and 45 tokens
+    settings_ = dict(max_new_tokens=64, mask_token_id=500, eos_token_id=501, pad_token_id=502)
+    jobs = [(f"b{i}", prompt, dict(settings_, threshold=t)) for i, (prompt, t) in enumerate(zip(ids, (0.9, 1.0, 0.5)))]
+    final, _ = run_schedule(DiffusionEngine(model, max_batch_size=3), jobs, [0, 1, 3])
+    for request_id, prompt, kwargs in jobs:
+        out = model.diffusion_generate(torch.tensor([prompt]), return_dict_in_generate=True, **kwargs)
+        expected = out.sequences[0, len(prompt):].tolist()
+        expected = expected[: expected.index(501)] if 501 in expected else expected
+        assert final[request_id].token_ids == expected and final[request_id].nfe == out.nfe, request_id
