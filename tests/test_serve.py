@@ -349,6 +349,75 @@ def test_full_server_answers_429_and_disconnects_free_rows(server):
     assert client.models.list().data[0].model_extra["dlm"]["running"] == 0
 
 
+def test_killed_replica_fails_its_requests_and_is_restarted(server):
+    """SIGKILL the replica (its pid is in /v1/models' `dlm`) while a request and a stream decode: both clients get
+    an error or a closed stream within a minute instead of hanging, and Serve restarts the replica, which answers."""
+    client = client_for(server)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": completion_prompt(QUESTIONS[4]), "max_tokens": 512,
+            "steps": 512, "block_length": 8, "threshold": None, "cache_implementation": None,
+            "eos_early_stop": False}  # one token per forward, for minutes
+    pid = client.models.list().data[0].model_extra["dlm"]["pid"]
+    assert isinstance(pid, int) and pid != server.process.pid
+    results: dict = {}
+
+    def full():
+        began = time.monotonic()
+        try:
+            response = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60)
+            results["full"] = (response.status_code, response.text)
+        except httpx.HTTPError as error:  # a dropped connection
+            results["full"] = (None, repr(error))
+        results["full_s"] = time.monotonic() - began
+
+    def streamed():
+        began, lines = time.monotonic(), []
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, headers=headers,
+                              timeout=60) as response:
+                results["stream_status"] = response.status_code
+                lines += [line for line in response.iter_lines() if line.startswith("data: ")]
+            results["stream"] = lines
+        except httpx.HTTPError as error:
+            results["stream"] = lines + [repr(error)]
+        results["stream_s"] = time.monotonic() - began
+
+    threads = [threading.Thread(target=full), threading.Thread(target=streamed)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while client.models.list().data[0].model_extra["dlm"]["running"] < 2:  # both are decoding
+        assert time.monotonic() < deadline, "the two requests did not start"
+        time.sleep(0.05)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join(90)
+    assert not any(thread.is_alive() for thread in threads), "a client hung after its replica died"
+    status, text = results["full"]
+    assert status is None or status >= 500, (status, text)  # an error, never a (partial) answer
+    assert results["full_s"] < 60 and results["stream_s"] < 60, results
+    assert "data: [DONE]" not in results["stream"], results["stream"][-3:]  # cut short, not completed
+    print(f"\nin-flight request: {status} {text[:300]!r} after {results['full_s']:.1f} s; stream: status "
+          f"{results.get('stream_status')}, {len(results['stream'])} events, last {results['stream'][-1:]!r} after "
+          f"{results['stream_s']:.1f} s")
+
+    deadline = killed + 120
+    while True:  # Serve notices the dead actor and starts a new replica (a fresh model load)
+        try:
+            models = client_for(server, timeout=10).models.list()
+            answer = client_for(server, timeout=30).completions.create(
+                model=NAME, prompt=completion_prompt(QUESTIONS[0]), max_tokens=32)
+            break
+        except openai.APIError:
+            assert time.monotonic() < deadline, f"no replica answered within 120 s:\n{server.log()}"
+            time.sleep(1)
+    print(f"a restarted replica answered {time.monotonic() - killed:.1f} s after the kill")
+    assert models.data[0].model_extra["dlm"]["pid"] != pid
+    assert "42" in answer.choices[0].text
+    assert server.process.poll() is None  # dlm-serve itself kept running
+
+
 def test_sigterm_lets_running_requests_finish(server):
     """The last test: SIGTERM while two requests decode; both complete, then the server exits 0."""
     client = client_for(server, timeout=120)

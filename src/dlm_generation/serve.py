@@ -18,7 +18,8 @@ settings (see `engine.py`).
 
 Endpoints (every one answers 401 without `Authorization: Bearer KEY` when the server has a key):
 
-- `GET /v1/models`, `GET /v1/models/{id}`: the served model (with a `dlm` field: engine limits and live counts).
+- `GET /v1/models`, `GET /v1/models/{id}`: the served model (with a `dlm` field: engine limits, live counts and the
+  answering replica's process id, `pid`).
 - `POST /v1/completions`: `prompt` is a string, a list of strings, a list of token ids or a list of such lists (one
   choice per prompt); a string is tokenized as `tokenizer(prompt).input_ids`. `echo` prepends the prompt text.
 - `POST /v1/chat/completions`: `messages` rendered by the model's chat template
@@ -855,7 +856,7 @@ def build_app(options: dict):
             "max_canvas_length": options.get("max_canvas_length"),
             "mask_token_id": getattr(model.generation_config, "mask_token_id", None)
             or getattr(model.config, "mask_token_id", None),
-            "model_type": getattr(model.config, "model_type", None)}
+            "model_type": getattr(model.config, "model_type", None), "pid": os.getpid()}
     app = create_app(runner, copy.deepcopy(tokenizer), options["served_model_name"], options.get("api_key"), info)
     return app, runner
 
