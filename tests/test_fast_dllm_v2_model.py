@@ -145,3 +145,24 @@ def test_decoding_defaults_are_the_references():
     assert (config.block_length, config.sub_block_length, config.cache_implementation, config.threshold,
             config.eos_early_stop) == (32, 8, "block", 0.9, True)
     assert tiny_pair(4)[0]._prepare_generation_config(None, {}).sub_block_length is None
+
+
+def test_the_released_generation_config_does_not_turn_decoding_into_sampling(tmp_path):
+    """The released checkpoints ship Qwen2.5's sampling generation_config.json (repetition_penalty, temperature 0.7),
+    which the reference's generate ignores: loading one decodes greedily, as the reference does."""
+    import shutil
+
+    golden = Path(__file__).parent / "fixtures" / "golden_block_diffusion" / "tiny-fast-dllm-v2"
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(golden / name, tmp_path / name)
+    shutil.copy(FIXTURES / "Efficient-Large-Model--Fast_dLLM_v2_7B" / "generation_config.json", tmp_path)
+    released = FastDLLMV2Model.from_pretrained(tmp_path).eval()
+    plain = FastDLLMV2Model.from_pretrained(golden).eval()
+    config = released.generation_config
+    assert (config.temperature, config.do_sample, config.top_k, config.top_p) == (0.0, None, None, None)
+    assert config.bos_token_id == 151643 and config.eos_token_id == 501  # the model config's stop id
+    prompt = torch.tensor([list(range(10, 43))])
+    settings = dict(max_new_tokens=32, mask_token_id=500, eos_token_id=501)
+    ours, theirs = (m.diffusion_generate(prompt, **settings)[0].tolist() for m in (released, plain))
+    assert 501 in ours and ours[: ours.index(501) + 1] == theirs[: theirs.index(501) + 1]
+    assert set(ours[ours.index(501) + 1:]) == {151643}  # after the stop: the released pad id

@@ -13,7 +13,9 @@ Travels with saved models: imports only torch, transformers and sibling files.
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
 
+from .configuration_diffusion import DIFFUSION_DEFAULTS, DiffusionGenerationConfig
 from .configuration_fast_dllm_v2 import FastDLLMV2Config
 from .diffusion_kv_caches import BlockKVCache
 from .modeling_diffusion_utils import default_position_ids
@@ -86,6 +88,30 @@ class FastDLLMV2Model(DreamModel):
             blocks.append((start, stop, origin))
             start = stop
         return blocks
+
+    def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                             cache_dir=None, force_download=False, proxies=None, local_files_only=False, token=None,
+                             revision=None, subfolder="", trust_remote_code=None, **kwargs):
+        """The released checkpoints ship Qwen2.5's sampling `generation_config.json` (do_sample, temperature 0.7,
+        top_k 20, top_p 0.8, repetition_penalty 1.05), which the reference's `generate` never reads: it decodes
+        greedily with its own arguments. A file without any diffusion field is therefore read for its bos / pad ids
+        only (the stop id is the model config's `eos_token_id`, the reference's `stop_token`); a file saved by this
+        library is loaded as it is."""
+        if generation_config is None and pretrained_model_name_or_path is not None:
+            try:
+                saved = GenerationConfig.from_pretrained(
+                    pretrained_model_name_or_path, cache_dir=cache_dir, force_download=force_download,
+                    local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder,
+                ).to_diff_dict()
+            except OSError:
+                saved = None
+            if saved is not None and not any(name in saved for name in DIFFUSION_DEFAULTS):
+                generation_config = DiffusionGenerationConfig(
+                    **{name: saved[name] for name in ("bos_token_id", "pad_token_id") if saved.get(name) is not None})
+        super().adjust_generation_fn(generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                                     cache_dir=cache_dir, force_download=force_download, proxies=proxies,
+                                     local_files_only=local_files_only, token=token, revision=revision,
+                                     subfolder=subfolder, trust_remote_code=trust_remote_code, **kwargs)
 
     def _check_family_settings(self, config):
         problems = []
