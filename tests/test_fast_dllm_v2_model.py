@@ -166,3 +166,46 @@ def test_the_released_generation_config_does_not_turn_decoding_into_sampling(tmp
     ours, theirs = (m.diffusion_generate(prompt, **settings)[0].tolist() for m in (released, plain))
     assert 501 in ours and ours[: ours.index(501) + 1] == theirs[: theirs.index(501) + 1]
     assert set(ours[ours.index(501) + 1:]) == {151643}  # after the stop: the released pad id
+
+
+@pytest.mark.slow
+def test_saved_model_runs_as_remote_code_without_the_package(tmp_path):
+    """save_pretrained writes the family's code; a process that cannot import dlm_generation loads it with
+    trust_remote_code and decodes the same tokens (block cache, aligned blocks, sub-blocks)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    golden = Path(__file__).parent / "fixtures" / "golden_block_diffusion" / "tiny-fast-dllm-v2"
+    model = FastDLLMV2Model.from_pretrained(golden).eval()
+    model.generation_config.mask_token_id = 500
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_fast_dllm_v2.FastDLLMV2Model"
+    assert {"modeling_fast_dllm_v2.py", "modeling_dream.py", "diffusion_kv_caches.py"} <= \
+           {p.name for p in (tmp_path / "saved").iterdir()}
+    prompt = list(range(10, 43))
+    expected = model.diffusion_generate(torch.tensor([prompt]), max_new_tokens=32)[0].tolist()
+    child = textwrap.dedent("""
+        import json, sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "dlm_generation" or name.startswith("dlm_generation."):
+                    raise ModuleNotFoundError(name)
+
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(1)
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        out = model.diffusion_generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=32)
+        print(json.dumps(out[0].tolist()))
+    """)
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", child, str(tmp_path / "saved"), json.dumps(prompt)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected

@@ -103,7 +103,7 @@ class FastDLLMV2Model(DreamModel):
                     pretrained_model_name_or_path, cache_dir=cache_dir, force_download=force_download,
                     local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder,
                 ).to_diff_dict()
-            except OSError:
+            except (OSError, ValueError):  # no file, or one of this library's (its cache names fail upstream checks)
                 saved = None
             if saved is not None and not any(name in saved for name in DIFFUSION_DEFAULTS):
                 generation_config = DiffusionGenerationConfig(
