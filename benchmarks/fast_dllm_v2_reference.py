@@ -11,6 +11,12 @@ outside this repository; it takes the reference's files by path and never copies
     python benchmarks/fast_dllm_v2_reference.py golden --model-code REF/ --upstream REF/generation_functions.py \\
         --out tests/fixtures/golden_block_diffusion
 
+`speed` times one side on the stored tiny model (the same random prompts, greedy, block 32, sub-blocks of 8): run it
+once in the reference's environment (`--side reference --model-code ... --upstream ...`) and once in this library's
+(`--side ours`), then `compare OURS.json REFERENCE.json` prints identical tokens and the time ratio:
+
+    python benchmarks/fast_dllm_v2_reference.py speed --side ours --batch 8 --json /tmp/ours8.json
+
 `golden` writes a tiny random model with the real architecture (`tiny-fast-dllm-v2/`, saved by the reference's own
 classes) and `cases.jsonl`: per case the prompt, the settings, the reference's generated tokens (up to and including
 its first stop token) and its number of model forwards (NFE, counted by wrapping `forward`). The reference's
@@ -161,6 +167,77 @@ def golden(args) -> None:
           f"{sum(bool(c['rerun_identical']) for c in lines if c['rerun_identical'] is not None)}")
 
 
+def make_prompts(count: int, seed: int = 2) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 71, (count,), generator=generator).tolist()
+    return [torch.randint(4, 500, (n,), generator=generator).tolist() for n in lengths]
+
+
+def speed(args) -> None:
+    """Time one side on the stored tiny model: the reference (its environment) or this library (this one)."""
+    prompts = make_prompts(args.prompts)
+    setting = dict(threshold=args.threshold, small_block_size=8, block_size=32, max_new_tokens=args.gen)
+    results = {"side": args.side, "batch": args.batch, "setting": setting, "generated": [], "seconds": 0.0}
+    if args.side == "reference":
+        configuration, modeling, batch_sample = load_reference(args.model_code, args.upstream)
+        model = modeling.Fast_dLLM_QwenForCausalLM.from_pretrained(args.model).eval()
+
+        def run(group):
+            if args.batch == 1:
+                out = model.generate(torch.tensor(group), mask_id=MASK, stop_token=STOP, temperature=0, **setting)
+                out = out[0] if isinstance(out, tuple) else out
+                return [out[0, len(group[0]):].tolist()]
+            seq_len = torch.tensor([len(p) for p in group])
+            padded = torch.full((len(group), int(seq_len.max())), MASK, dtype=torch.long)
+            for i, p in enumerate(group):
+                padded[i, : len(p)] = torch.tensor(p)
+            samples = batch_sample(model, padded, types.SimpleNamespace(pad_token_id=PAD), 32, args.gen, 8,
+                                   int(seq_len.min()), seq_len, mask_id=MASK, threshold=args.threshold,
+                                   stop_token=STOP, top_p=0.95, temperature=0.0)
+            return [samples[i][len(p):].tolist() for i, p in enumerate(group)]
+    else:
+        from dlm_generation import FastDLLMV2Model
+
+        model = FastDLLMV2Model.from_pretrained(args.model).eval()
+
+        def run(group):
+            width = max(len(p) for p in group)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            out = model.diffusion_generate(ids, attention_mask=mask if args.batch > 1 else None,
+                                           max_new_tokens=args.gen, threshold=args.threshold, sub_block_length=8,
+                                           block_length=32, mask_token_id=MASK, eos_token_id=STOP, pad_token_id=PAD)
+            return [row[width:] for row in out.tolist()]
+    groups = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    with torch.no_grad():
+        run(groups[0])  # warm-up
+        best = None
+        for _ in range(args.repeats):
+            generated, started = [], time.perf_counter()
+            for group in groups:
+                generated += run(group)
+            elapsed = time.perf_counter() - started
+            best = elapsed if best is None else min(best, elapsed)
+    results["generated"] = [cut_at_stop(g)[0] for g in generated]
+    results["prompt_lengths"] = [len(p) for p in prompts]
+    results["seconds"] = best
+    args.json.write_text(json.dumps(results) + "\n")
+    print(f"{args.side}: {len(prompts)} prompts at batch {args.batch}, gen {args.gen}, threshold {args.threshold}: "
+          f"{best:.2f} s (best of {args.repeats})")
+
+
+def compare(args) -> None:
+    ours, theirs = (json.loads(path.read_text()) for path in (args.ours, args.reference))
+    same = 0
+    for length, a, b in zip(ours["prompt_lengths"], ours["generated"], theirs["generated"]):
+        # the reference's tokens up to the last aligned block boundary inside our canvas (plus the token after it)
+        shared = min(len(b), (length + ours["setting"]["max_new_tokens"]) // 32 * 32 + 1 - length)
+        same += a[:shared] == b[:shared]
+    print(f"batch {ours['batch']}, gen {ours['setting']['max_new_tokens']}, threshold {ours['setting']['threshold']}: "
+          f"identical tokens {same}/{len(ours['generated'])}; ours {ours['seconds']:.2f} s, reference "
+          f"{theirs['seconds']:.2f} s, ours / reference {ours['seconds'] / theirs['seconds']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,13 +245,33 @@ def main() -> None:
     make.add_argument("--model-code", type=Path, required=True, help="folder with configuration.py and modeling.py")
     make.add_argument("--upstream", type=Path, help="NVlabs/Fast-dLLM v2/generation_functions.py (batch_sample)")
     make.add_argument("--out", type=Path, required=True)
+    timing = sub.add_parser("speed", help="time one side (run the reference side in the reference's environment)")
+    timing.add_argument("--side", choices=("reference", "ours"), required=True)
+    timing.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+                        / "golden_block_diffusion" / "tiny-fast-dllm-v2")
+    timing.add_argument("--model-code", type=Path, help="reference side: folder with configuration.py and modeling.py")
+    timing.add_argument("--upstream", type=Path, help="reference side: v2/generation_functions.py (batch_sample)")
+    timing.add_argument("--prompts", type=int, default=16)
+    timing.add_argument("--batch", type=int, default=1)
+    timing.add_argument("--gen", type=int, default=256)
+    timing.add_argument("--threshold", type=float, default=0.9)
+    timing.add_argument("--repeats", type=int, default=3)
+    timing.add_argument("--json", type=Path, required=True)
+    both = sub.add_parser("compare", help="identical tokens and the time ratio of two `speed` outputs")
+    both.add_argument("ours", type=Path)
+    both.add_argument("reference", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    golden(args)
-    print(f"{time.time() - started:.0f} s")
+    if args.command == "compare":
+        compare(args)
+    elif args.command == "speed":
+        speed(args)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        golden(args)
+        print(f"{time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
