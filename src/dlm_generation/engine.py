@@ -256,8 +256,9 @@ class DiffusionEngine:
         admitted, outputs = self._admit()
         outputs += [output for output in map(self._plan, admitted) if output is not None]
         stepping = [r for r in self.running if r.planned is not None]
-        shared = [r for r in stepping if _shares_forward(r.state.cache)]
-        groups = ([shared] if shared else []) + [[r] for r in stepping if not _shares_forward(r.state.cache)]
+        shares = [_shares_forward(r.state.cache) for r in stepping]
+        shared = [r for r, share in zip(stepping, shares) if share]
+        groups = ([shared] if shared else []) + [[r] for r, share in zip(stepping, shares) if not share]
         for group in groups:
             try:
                 entries = [(self.model._step_inputs(r.state, r.rules, r.planned), r.state.cache) for r in group]
