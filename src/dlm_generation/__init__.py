@@ -1,7 +1,7 @@
 """dlm-generation: fast, faithful generation for diffusion language models on Hugging Face transformers.
 
-Importing the package registers the LLaDA ("llada"), Dream ("Dream") and Fast-dLLM v2 ("Fast_dLLM_Qwen") model types with `AutoConfig`,
-`AutoModel` and `AutoModelForCausalLM`, so `AutoModelForCausalLM.from_pretrained(path)` works without
+Importing the package registers the LLaDA ("llada"), Dream ("Dream"), Fast-dLLM v2 ("Fast_dLLM_Qwen") and SDAR ("sdar")
+model types with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, so `AutoModelForCausalLM.from_pretrained(path)` works without
 `trust_remote_code`, and models saved from these classes carry their code for `trust_remote_code=True` users.
 """
 
@@ -11,6 +11,7 @@ from .configuration_diffusion import DiffusionGenerationConfig
 from .configuration_dream import DreamConfig
 from .configuration_fast_dllm_v2 import FastDLLMV2Config
 from .configuration_llada import LLaDAConfig
+from .configuration_sdar import SDARConfig
 from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_adaptive_caches import D2Cache, DLLMCache
@@ -20,11 +21,13 @@ from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin,
 from .modeling_dream import DreamModel
 from .modeling_fast_dllm_v2 import FastDLLMV2Model
 from .modeling_llada import LLaDAModelLM
+from .modeling_sdar import SDARForCausalLM
 from .streamers import CanvasFrame, CanvasStreamer
 
 __version__ = "0.1.0"
 
-for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel), (FastDLLMV2Config, FastDLLMV2Model)):
+for _config, _model in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel), (FastDLLMV2Config, FastDLLMV2Model),
+                       (SDARConfig, SDARForCausalLM)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
@@ -57,6 +60,8 @@ __all__ = [
     "LLaDAModelLM",
     "LayerKVStore",
     "PrefixCache",
+    "SDARConfig",
+    "SDARForCausalLM",
     "StepOutcome",
     "generated_lengths",
 ]

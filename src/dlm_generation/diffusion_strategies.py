@@ -200,17 +200,19 @@ class SampledTopKPolicy(CommitPolicy):
 
 class ThresholdPolicy(CommitPolicy):
     """Fast-dLLM: every eligible position with confidence >= threshold (> threshold with `strict`, as Fast-dLLM v2
-    compares), and always the most confident one."""
+    and SDAR compare), and always the most confident one; with `at_least_count`, always the schedule's count of most
+    confident ones (SDAR's `low_confidence_dynamic`)."""
 
-    def __init__(self, threshold: float, strict: bool = False):
-        self.threshold, self.strict = threshold, strict
+    def __init__(self, threshold: float, strict: bool = False, at_least_count: bool = False):
+        self.threshold, self.strict, self.at_least_count = threshold, strict, at_least_count
 
     def passes(self, confidence: torch.Tensor) -> torch.Tensor:
         return confidence > self.threshold if self.strict else confidence >= self.threshold
 
     def select(self, confidence, eligible, ctx):
         _, ranks = descending_ranks(confidence)
-        return eligible & ((ranks == 0) | self.passes(confidence))
+        floor = ranks < ctx.count.clamp_min(1)[:, None] if self.at_least_count else ranks == 0
+        return eligible & (floor | self.passes(confidence))
 
 
 class BudgetedThresholdPolicy(ThresholdPolicy):
@@ -293,17 +295,18 @@ class Strategies:
     alg: str
 
 
-def build_strategies(config, strict_threshold: bool = False) -> Strategies:
+def build_strategies(config, strict_threshold: bool = False, threshold_at_least_count: bool = False) -> Strategies:
     """Turn a resolved `DiffusionGenerationConfig` into strategy objects (the only place strings are compared).
-    `strict_threshold`: the model family's threshold rule commits confidence > threshold (Fast-dLLM v2) rather than
-    >= (Fast-dLLM v1)."""
+    `strict_threshold`: the model family's threshold rule commits confidence > threshold (Fast-dLLM v2, SDAR) rather
+    than >= (Fast-dLLM v1); `threshold_at_least_count`: it commits at least the schedule's count (SDAR) rather than
+    at least one."""
     schedule = LinearSchedule() if config.schedule == "linear" else EpsSchedule(config.eps)
     if config.alg == "origin":
         policy = OriginPolicy()
     elif config.alg == "confidence_threshold":
         policy = BudgetedThresholdPolicy(config.threshold, strict_threshold)
     elif config.threshold is not None:
-        policy = ThresholdPolicy(config.threshold, strict_threshold)
+        policy = ThresholdPolicy(config.threshold, strict_threshold, threshold_at_least_count)
     elif config.factor is not None:
         policy = FactorPolicy(config.factor)
     elif config.alg_temp:

@@ -159,6 +159,7 @@ class DecodeState:
     block_end: int = 0
     window_start: int = 0
     step: int = 0
+    fill_steps: int = 0  # forwards of the block that only filled the cache (not denoising steps of the schedule)
     max_steps: int = 0
     in_block: bool = False  # block `block` has been started and may have eligible masks left
     block_origin: int = 0
@@ -204,6 +205,12 @@ class DiffusionGenerationMixin(GenerationMixin):
     diffusion_generation_defaults: dict[str, Any] = {}
     diffusion_threshold_strict: bool = False  # the family's threshold rule: confidence > threshold (else >=)
     diffusion_block_causal: bool = False  # block-diffusion attention (causal across blocks): its own caches
+    # SDAR's reference rules (all False: LLaDA / Dream / Fast-dLLM): a threshold step commits at least the schedule's
+    # count (else at least one); the linear schedule spreads the block's aligned length over its steps (else its
+    # masks); eos_early_stop finishes a row once the block holding its stop token is complete (else at once).
+    diffusion_threshold_at_least_count: bool = False
+    diffusion_schedule_aligned: bool = False
+    diffusion_stop_at_block_end: bool = False
 
     @torch.no_grad()
     def diffusion_generate(
@@ -419,7 +426,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         uncond_prompt = None
         if config.cfg_scale > 0:
             uncond_prompt = input_ids.masked_fill(input_ids != mask_id, mask_id)
-        strategies = build_strategies(config, self.diffusion_threshold_strict)
+        strategies = build_strategies(config, self.diffusion_threshold_strict, self.diffusion_threshold_at_least_count)
         cache = self._prepare_diffusion_cache(config, past_key_values)
         processors = self._prepare_logits_processors(config, logits_processor, canvas.device)
         criteria = StoppingCriteriaList(stopping_criteria or [])
@@ -488,11 +495,14 @@ class DiffusionGenerationMixin(GenerationMixin):
             return False
         # The positions that can change in this block: from the first eligible mask to the block end.
         state.window_start = int(is_mask.any(0).nonzero()[0])
-        rules.strategies.schedule.begin_block(eligible_counts, rules.steps_in_block)
+        counted = eligible_counts
+        if self.diffusion_schedule_aligned:  # the reference's count per step: the aligned block over its steps
+            counted = torch.full_like(eligible_counts, block_end - state.block_origin)
+        rules.strategies.schedule.begin_block(counted, rules.steps_in_block)
         rules.strategies.policy.begin_block(eligible_counts, rules.steps_in_block)
         state.block, state.block_start, state.block_end = block, block_start, block_end
         state.cache.begin_block(state.block_start, block_end)
-        state.step = 0
+        state.step = state.fill_steps = 0
         # Every policy commits at least one token per row within its step budget, so this bound is never reached;
         # it turns a future policy bug into an error instead of a hang.
         state.max_steps = rules.steps_in_block + (block_end - state.window_start)
@@ -594,6 +604,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         if step_end == step_start:  # a forward that only filled the cache (a block-diffusion prompt's prefill)
             cache.end_step(StepOutcome(canvas, step_start, step_end, eligible, eligible, None))
             state.step += 1
+            state.fill_steps += 1
             return
         # A row's maximum logit is NaN or +inf when any logit is NaN or +inf (or all are -inf).
         state.nonfinite = (~torch.isfinite(logits.amax(-1)) & eligible).any()
@@ -608,7 +619,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         confidence = torch.where(eligible, scores, NEG_INF)
         # 4.4 commit
         schedule = rules.strategies.schedule
-        ctx = StepContext(step=state.step, count=schedule.count(state.step, remaining), remaining=remaining,
+        denoising_step = state.step - state.fill_steps  # the schedule counts denoising steps only
+        ctx = StepContext(step=denoising_step, count=schedule.count(denoising_step, remaining), remaining=remaining,
                           schedule=schedule)
         commit, tokens = rules.commit_rule.choose(canvas, proposal.tokens, confidence, eligible, ctx, step_start)
         unseen_later = cache.settled_before() + rules.shift  # later steps of this block see no logits left of it
@@ -624,7 +636,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         state.step += 1
         # 4.5 finished rows
         state.finished = self._update_finished(canvas, state.finished, state.prompt_len, rules.stop_ids,
-                                               rules.criteria, config, rules.tokenizer)
+                                               rules.criteria, config, rules.tokenizer,
+                                               state.block_end if self.diffusion_stop_at_block_end else None)
         self._record_step(state, rules)
         # Finished rows have no eligible masks, so the check of the next plan (the step's only host sync, which also
         # reads this step's non-finite flag) ends the block, and every later block, once all rows are finished.
@@ -921,18 +934,22 @@ class DiffusionGenerationMixin(GenerationMixin):
         return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------------------------------ 4. step helpers
-    def _update_finished(self, canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer):
-        """Mark rows as finished; pad what follows a row's stop (eos_early_stop, stop_strings) or its masks."""
+    def _update_finished(self, canvas, finished, prompt_len, stop_ids, criteria, config, tokenizer, block_end=None):
+        """Mark rows as finished; pad what follows a row's stop (eos_early_stop, stop_strings) or its masks. With
+        `block_end`, a settled stop token finishes its row only once the row has no mask before `block_end`."""
         pad_id = self._pad_id(config)
         if config.eos_early_stop and stop_ids.numel():
             generated = canvas[:, prompt_len:]
             is_mask = generated == config.mask_token_id
             masks_before = is_mask.long().cumsum(-1) - is_mask.long()
             settled_stop = torch.isin(generated, stop_ids) & (masks_before == 0)
-            first = torch.where(settled_stop.any(-1), settled_stop.long().argmax(-1), generated.shape[1])
+            stopped = settled_stop.any(-1)
+            if block_end is not None:
+                stopped = stopped & ~is_mask[:, :block_end - prompt_len].any(-1)
+            first = torch.where(stopped, settled_stop.long().argmax(-1), generated.shape[1])
             cut = (torch.arange(generated.shape[1], device=canvas.device) > first[:, None]) & ~finished[:, None]
             canvas[:, prompt_len:] = generated.masked_fill(cut, pad_id)
-            finished = finished | (first < generated.shape[1])
+            finished = finished | stopped
         if config.stop_strings:
             finished = self._apply_stop_strings(canvas, finished, prompt_len, config, tokenizer, pad_id)
         if len(criteria):
