@@ -318,3 +318,24 @@ def test_block_diffusion_requests_equal_their_solo_runs():
         expected = out.sequences[0, len(prompt):].tolist()
         expected = expected[: expected.index(501)] if 501 in expected else expected
         assert final[request_id].token_ids == expected and final[request_id].nfe == out.nfe, request_id
+
+
+def test_sdar_requests_equal_their_solo_runs():
+    """SDAR requests (no logit shift, stores between blocks, a stop once its block is complete) through the engine."""
+    from pathlib import Path
+
+    from dlm_generation import SDARForCausalLM
+
+    folder = Path(__file__).parent / "fixtures" / "golden_sdar" / "tiny-sdar"
+    model = SDARForCausalLM.from_pretrained(folder).eval()
+    ids = [[7, 8, 9], list(range(40, 53)), list(range(100, 122))]  # 3, 13 and 22 tokens
+    settings_ = dict(max_new_tokens=32, mask_token_id=500, eos_token_id=[501, 502], pad_token_id=503)
+    extras = ({}, dict(threshold=0.5), dict(block_length=8, steps=16, threshold=0.7))
+    jobs = [(f"s{i}", prompt, dict(settings_, **extra)) for i, (prompt, extra) in enumerate(zip(ids, extras))]
+    final, _ = run_schedule(DiffusionEngine(model, max_batch_size=2), jobs, [0, 2, 3])
+    for request_id, prompt, kwargs in jobs:
+        out = model.diffusion_generate(torch.tensor([prompt]), return_dict_in_generate=True, **kwargs)
+        expected = out.sequences[0, len(prompt):].tolist()
+        first = next((i for i, t in enumerate(expected) if t in (501, 502)), None)
+        expected = expected if first is None else expected[:first]
+        assert final[request_id].token_ids == expected and final[request_id].nfe == out.nfe, request_id
