@@ -106,6 +106,8 @@ class DiffusionRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
+        if input_dtype == torch.float32:  # the same arithmetic without the casts' Python overhead
+            return self.weight * F.rms_norm(hidden_states, hidden_states.shape[-1:], eps=self.eps)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
@@ -175,6 +177,10 @@ def build_attention_mask(
     )
 
 
+# torch >= 2.5: scaled_dot_product_attention groups query heads over shared key/value heads itself (`enable_gqa`).
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 def diffusion_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -191,10 +197,13 @@ def diffusion_attention(
     """
     key, value = past_key_values.update(key, value, layer_idx)
     n_rep = query.shape[1] // key.shape[1]
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    if not past_key_values.needs_attention_weights and _SDPA_GQA:  # grouped heads without copying keys / values
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=False, scale=scale,
+                                              enable_gqa=n_rep > 1)
     if n_rep > 1:
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
-    scale = 1.0 / math.sqrt(query.shape[-1])
     if not past_key_values.needs_attention_weights:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=False, scale=scale)
     # The cache reads the weights (d2Cache's attention rollout): one explicit softmax over the queries this forward
