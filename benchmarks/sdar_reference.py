@@ -238,7 +238,7 @@ def make_prompts(count: int, seed: int = 2) -> list[list[int]]:
 
 
 def speed(args) -> None:
-    """Time one side on the stored tiny model at batch 1 (the reference decodes one prompt per call)."""
+    """Time one side on the stored tiny model; the reference decodes one prompt per call, ours at `--batch`."""
     prompts = make_prompts(args.prompts)
     results = {"side": args.side, "gen": args.gen, "threshold": args.threshold, "generated": [], "seconds": 0.0}
     if args.side == "reference":
@@ -253,30 +253,38 @@ def speed(args) -> None:
             gen = args.gen + (-(len(prompt) + args.gen)) % 4
             return reference_generate(functions, model, prompt, dict(gen_length=gen, block_length=4,
                                                                      denoising_steps=4, threshold=args.threshold))
+        args.batch = 1  # the reference decodes one prompt per call
+        run_group = lambda group: [run(group[0])]  # noqa: E731
     else:
         from dlm_generation import SDARForCausalLM
 
         model = SDARForCausalLM.from_pretrained(args.model).eval()
 
-        def run(prompt):
-            out = model.diffusion_generate(torch.tensor([prompt]), max_new_tokens=args.gen,
+        def run_group(group):
+            width = max(len(p) for p in group)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            out = model.diffusion_generate(ids, attention_mask=mask if len(group) > 1 else None,
+                                           max_new_tokens=args.gen,
                                            threshold=None if args.threshold >= 1 else args.threshold,
                                            eos_token_id=[STOP, STOP2], pad_token_id=PAD)
-            return out[0, len(prompt):].tolist()
+            return [row[width:] for row in out.tolist()]
+    results["batch"] = args.batch
+    groups = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     with torch.no_grad():
-        run(prompts[0])  # warm-up
+        run_group(groups[0])  # warm-up
         best = None
         for _ in range(args.repeats):
             generated, started = [], time.perf_counter()
-            for prompt in prompts:
-                generated.append(run(prompt))
+            for group in groups:
+                generated += run_group(group)
             elapsed = time.perf_counter() - started
             best = elapsed if best is None else min(best, elapsed)
     results["generated"] = [cut_at_stop(g)[0] for g in generated]
     results["prompt_lengths"] = [len(p) for p in prompts]
     results["seconds"] = best
     args.json.write_text(json.dumps(results) + "\n")
-    print(f"{args.side}: {len(prompts)} prompts at batch 1, gen {args.gen}, threshold {args.threshold}: "
+    print(f"{args.side}: {len(prompts)} prompts at batch {args.batch}, gen {args.gen}, threshold {args.threshold}: "
           f"{best:.2f} s (best of {args.repeats})")
 
 
@@ -286,7 +294,8 @@ def compare(args) -> None:
     for length, a, b in zip(ours["prompt_lengths"], ours["generated"], theirs["generated"]):
         shared = min(len(b), (length + ours["gen"]) // 4 * 4 - length)  # up to our last aligned block boundary
         same += a[:shared] == b[:shared]
-    print(f"batch 1, gen {ours['gen']}, threshold {ours['threshold']}: identical tokens {same}/{len(ours['generated'])};"
+    print(f"batch {ours['batch']} (reference: batch 1, it has no batched decoding), gen {ours['gen']}, threshold "
+          f"{ours['threshold']}: identical tokens {same}/{len(ours['generated'])};"
           f" ours {ours['seconds']:.2f} s, reference {theirs['seconds']:.2f} s, ours / reference "
           f"{ours['seconds'] / theirs['seconds']:.2f}")
 
@@ -304,6 +313,7 @@ def main() -> None:
                         / "golden_sdar" / "tiny-sdar")
     timing.add_argument("--checkout", type=Path, help="reference side: a checkout of github.com/JetAstra/SDAR")
     timing.add_argument("--prompts", type=int, default=16)
+    timing.add_argument("--batch", type=int, default=1, help="our side only (the reference decodes one prompt)")
     timing.add_argument("--gen", type=int, default=128)
     timing.add_argument("--threshold", type=float, default=1.0, help="1 = static (one token per step)")
     timing.add_argument("--repeats", type=int, default=3)

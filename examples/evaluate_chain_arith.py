@@ -11,6 +11,8 @@ the first EOS is what a run without it writes), and it keeps the long canvases a
     vanilla-b8-g256      block 8, length 256
     threshold-b8-g256, dual-threshold-b8-g256   threshold 0.9 at block 8 (without / with the dual cache)
     vanilla-1block-g256  one block (the whole canvas), length 256
+    bd-*                 block-diffusion models (Fast-dLLM v2; the default rows for one): one token per step
+                         (threshold 1) or threshold 0.7-0.9, sub-blocks of 8 or none, at 256 and 1024
 
 `--calibration` adds the reliability table of the committed tokens of the threshold row (confidence bins against
 the share of tokens equal to the reference's; `dlm_generation.benchmark.calibration`), which the model card
@@ -52,7 +54,17 @@ ROWS = {  # name -> (generation length, block length or None for one block, extr
     "d2cache-1block-g256": (256, None, {"cache_implementation": "d2cache", "alg": "low_confidence"}),
     "d2cache-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "d2cache",
                                              "cache_config": {"certainty_prior": False}}),
+    # Block-diffusion models (Fast-dLLM v2): the exact block cache by default; one token per step is threshold 1
+    # (probability > 1 never holds: only the most confident position), as the reference's generate defaults to.
+    "bd-one-token-sb8-g256": (256, 32, {"threshold": 1.0, "sub_block_length": 8}),
+    "bd-threshold-0.9-sb8-g256": (256, 32, {"threshold": 0.9, "sub_block_length": 8}),
+    "bd-threshold-0.8-sb8-g256": (256, 32, {"threshold": 0.8, "sub_block_length": 8}),
+    "bd-threshold-0.7-sb8-g256": (256, 32, {"threshold": 0.7, "sub_block_length": 8}),
+    "bd-threshold-0.9-sb32-g256": (256, 32, {"threshold": 0.9, "sub_block_length": 32}),
+    "bd-one-token-sb8-g1024": (1024, 32, {"threshold": 1.0, "sub_block_length": 8}),
+    "bd-threshold-0.9-sb8-g1024": (1024, 32, {"threshold": 0.9, "sub_block_length": 8}),
 }
+BLOCK_DIFFUSION_ROWS = [name for name in ROWS if name.startswith("bd-")]
 
 
 def row_settings(name: str) -> dict:
@@ -75,8 +87,9 @@ def evaluate_row(model, tokenizer, name: str, problems, batch_size: int) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="folder of a chain-arith LLaDA or Dream model")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("model", type=Path, help="folder of a chain-arith LLaDA, Dream or Fast-dLLM v2 model")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS),
+                        help="default: the block-diffusion rows (bd-*) for a block-diffusion model, the others else")
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
@@ -86,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    block_diffusion = getattr(model, "diffusion_block_causal", False)
+    if args.rows is None:
+        args.rows = [n for n in ROWS if (n in BLOCK_DIFFUSION_ROWS) == block_diffusion]
     problems = list(dev_split(args.problems))
     report = json.loads(args.json.read_text()) if args.json.exists() else {}
     if report.get("model") != str(args.model) or report.get("problems") != args.problems:
@@ -103,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.calibration and "calibration" not in report:
-        name = "threshold-b32-g256"
+        name = "bd-threshold-0.9-sb8-g256" if block_diffusion else "threshold-b32-g256"
         with torch.inference_mode():
             report["calibration"] = {"row": name, **calibration(model, tokenizer, problems, ROWS[name][0],
                                                                  args.batch_size, row_settings(name))}

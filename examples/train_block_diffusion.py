@@ -19,8 +19,9 @@ run would see (the data order depends only on the step). A session that ends wit
 snapshot in the repository: `--snapshot DIR` also writes the current weights (safetensors) and the run state there
 when an invocation stops; a run folder without `checkpoint.pt` resumes from that snapshot with a fresh optimizer
 and the learning rate warmed up again over `--warmup` steps (the weights, step, data order and learning curve carry
-on; Adam's moments restart). `--export FOLDER` writes the best checkpoint's weights
-(by the worse of the two dev accuracies) with the AR model's config and tokenizer.
+on; Adam's moments restart). `--export FOLDER` writes the best checkpoint
+(by the worse of the two dev accuracies) as a `FastDLLMV2Model` folder (the AR model's dimensions, `bd_size` =
+`--block-size`, the tokenizer's mask id) with the tokenizer.
 
     python examples/train_block_diffusion.py --out runs/fdv2 --minutes 60 --threads 1
 """
@@ -119,6 +120,31 @@ def learning_rate(step: int, args, rewarm_from: int | None = None) -> float:
     return rate
 
 
+def export(ar_model, tokenizer, weights: dict, args) -> None:
+    """The best checkpoint as a Fast-dLLM v2 model folder: the AR model's dimensions in a `FastDLLMV2Config`
+    (`bd_size` = the trained block size, the tokenizer's mask id), its weights (Qwen2's parameter names, unchanged),
+    and the tokenizer."""
+    from dlm_generation import FastDLLMV2Config, FastDLLMV2Model
+    from dlm_generation.hub import save_without_code
+
+    ar = ar_model.config
+    config = FastDLLMV2Config(
+        bd_size=args.block_size, mask_token_id=args.mask_id, vocab_size=ar.vocab_size, hidden_size=ar.hidden_size,
+        intermediate_size=ar.intermediate_size, num_hidden_layers=ar.num_hidden_layers,
+        num_attention_heads=ar.num_attention_heads, num_key_value_heads=ar.num_key_value_heads,
+        max_position_embeddings=ar.max_position_embeddings, rms_norm_eps=ar.rms_norm_eps,
+        rope_theta=ar.rope_parameters["rope_theta"], tie_word_embeddings=ar.tie_word_embeddings,
+        bos_token_id=ar.bos_token_id, eos_token_id=ar.eos_token_id, pad_token_id=ar.pad_token_id,
+    )
+    model = FastDLLMV2Model(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [name for name in missing if name != "lm_head.weight" or not ar.tie_word_embeddings]:
+        raise SystemExit(f"the checkpoint does not fit FastDLLMV2Model: missing {missing}, unexpected {unexpected}")
+    save_without_code(model, args.export)  # a folder of this repository: loaded with the installed package
+    tokenizer.save_pretrained(args.export)
+    print(f"wrote {args.export}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log); resumes from it")
@@ -151,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_path, best_path, log_path = args.out / "checkpoint.pt", args.out / "best.pt", args.out / "log.json"
 
     if args.export:
-        model.load_state_dict(torch.load(best_path, weights_only=True))
-        model.save_pretrained(args.export)
-        tokenizer.save_pretrained(args.export)
-        print(f"wrote {args.export}")
+        export(model, tokenizer, torch.load(best_path, weights_only=True), args)
         return
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
