@@ -13,8 +13,7 @@ and the speed relative to the AR model alone ("vs AR"). For guided rows, "overhe
 It also writes the rows as JSON (`--json`) and a PNG of accuracy against speedup (`--plot`, needs matplotlib).
 
 Every configuration is decoded greedily (temperature 0) with one fixed base: ``steps = gen_length`` (one token per
-step unless the configuration commits more), ``block_length = --block-length``, no threshold/factor (for a
-block-diffusion model with a strict threshold rule, Fast-dLLM v2, ``threshold=1``: its one token per step), no early
+step unless the configuration commits more), ``block_length = --block-length``, no threshold/factor, no early
 stop; the model's own `generation_config.json` is ignored except by the ``model-default`` configuration, which
 uses it as shipped (plus ``max_new_tokens``). Generated tokens are counted up to and including the first EOS.
 """
@@ -519,17 +518,13 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
     guided = [name for name, overrides in parsed if overrides.get("guidance") is not None]
     if guided and ar_model is None:
         raise ValueError(f"the guided configurations {guided} need an autoregressive guide: pass --ar-model")
-    # A block-diffusion model's family default is a threshold (Fast-dLLM v2: 0.9), which an unset base threshold would
-    # inherit; its one-token-per-step base is threshold 1 (probability > 1 never holds: only the most confident).
-    base = {**BASE_CONFIG, "threshold": 1.0} if getattr(model, "diffusion_block_causal", False) \
-        and getattr(model, "diffusion_threshold_strict", False) else BASE_CONFIG
     rows = []
     with torch.inference_mode():
         for gen_length in gen_lengths:
             candidates = []
             for name, overrides in parsed:
                 settings = ({} if name == MODEL_DEFAULT else
-                            {**base, "steps": gen_length, "block_length": block_length, **overrides})
+                            {**BASE_CONFIG, "steps": gen_length, "block_length": block_length, **overrides})
                 try:  # fail fast, naming the configuration, before anything is timed (one block is enough)
                     short_length, short = one_block(settings, gen_length)
                     solve(model, tokenizer, dev[:1], short_length, 1, short, guide=ar_model)
