@@ -13,8 +13,8 @@ and the speed relative to the AR model alone ("vs AR"). For guided rows, "overhe
 It also writes the rows as JSON (`--json`) and a PNG of accuracy against speedup (`--plot`, needs matplotlib).
 
 Every configuration is decoded greedily (temperature 0) with one fixed base: ``steps = gen_length`` (one token per
-step unless the configuration commits more), ``block_length = --block-length``, no threshold/factor, no early
-stop; the model's own `generation_config.json` is ignored except by the ``model-default`` configuration, which
+step unless the configuration commits more), ``block_length = --block-length``, no threshold/factor (Fast-dLLM v2,
+whose family default is a threshold: ``threshold=1``, its reference's one token per step), no early stop; the model's own `generation_config.json` is ignored except by the ``model-default`` configuration, which
 uses it as shipped (plus ``max_new_tokens``). Generated tokens are counted up to and including the first EOS.
 """
 
@@ -518,13 +518,16 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
     guided = [name for name, overrides in parsed if overrides.get("guidance") is not None]
     if guided and ar_model is None:
         raise ValueError(f"the guided configurations {guided} need an autoregressive guide: pass --ar-model")
+    # One token per step: a family whose defaults hold a threshold (Fast-dLLM v2) needs its "off" value, since an
+    # unset threshold falls back to that default.
+    base = {**BASE_CONFIG, "threshold": model.diffusion_threshold_off}
     rows = []
     with torch.inference_mode():
         for gen_length in gen_lengths:
             candidates = []
             for name, overrides in parsed:
                 settings = ({} if name == MODEL_DEFAULT else
-                            {**BASE_CONFIG, "steps": gen_length, "block_length": block_length, **overrides})
+                            {**base, "steps": gen_length, "block_length": block_length, **overrides})
                 try:  # fail fast, naming the configuration, before anything is timed (one block is enough)
                     short_length, short = one_block(settings, gen_length)
                     solve(model, tokenizer, dev[:1], short_length, 1, short, guide=ar_model)

@@ -60,8 +60,9 @@ class Settings:
     guidance: bool = False
     notes: list[str] = field(default_factory=list)
 
-    def overrides(self, model_alg: str | None, has_guide: bool) -> dict[str, Any]:
-        """The config fields this request sets (everything else stays the model's `generation_config`)."""
+    def overrides(self, model_alg: str | None, has_guide: bool, threshold_off: float | None = None) -> dict[str, Any]:
+        """The config fields this request sets (everything else stays the model's `generation_config`);
+        `threshold_off`: the model's value for no threshold (`diffusion_threshold_off`)."""
         self.notes = []
         kwargs: dict[str, Any] = {
             "max_new_tokens": int(self.max_new_tokens),
@@ -69,7 +70,7 @@ class Settings:
             "steps": int(self.steps) if self.steps else None,
             "eos_early_stop": bool(self.eos_early_stop),
             "cache_implementation": None if self.cache == "none" else self.cache,
-            "threshold": None,
+            "threshold": threshold_off,
         }
         if self.scorer != "model default":
             kwargs["alg"] = self.scorer
@@ -89,11 +90,11 @@ class Settings:
         return kwargs
 
 
-def vanilla_overrides(settings: Settings) -> dict[str, Any]:
+def vanilla_overrides(settings: Settings, threshold_off: float | None = None) -> dict[str, Any]:
     """One token per step with the same length, blocks and early stop: the reference the comparison runs."""
     return {"max_new_tokens": int(settings.max_new_tokens),
             "block_length": None if settings.block_length == "whole canvas" else int(settings.block_length),
-            "steps": None, "threshold": None, "eos_early_stop": bool(settings.eos_early_stop),
+            "steps": None, "threshold": threshold_off, "eos_early_stop": bool(settings.eos_early_stop),
             "cache_implementation": None}
 
 
@@ -212,13 +213,14 @@ class DemoSession:
 
 def decode_stream(session: DemoSession, prompt: str, settings: Settings, compare: bool, replay_ms: float):
     """Yield (main canvas HTML, vanilla canvas HTML, stats markdown, answer text) as decoding proceeds."""
-    overrides = settings.overrides(session.model_alg, session.guide is not None)
+    threshold_off = session.model.diffusion_threshold_off
+    overrides = settings.overrides(session.model_alg, session.guide is not None, threshold_off)
     from .configuration_diffusion import DiffusionGenerationConfig
 
     DiffusionGenerationConfig(**{k: v for k, v in overrides.items() if v is not None})  # config errors before work
     inputs = session.encode(prompt)
     prompt_length = inputs["input_ids"].shape[1]
-    jobs = [("this configuration", overrides)] + ([("vanilla", vanilla_overrides(settings))] if compare else [])
+    jobs = [("this configuration", overrides)] + ([("vanilla", vanilla_overrides(settings, threshold_off))] if compare else [])
     cancelled = threading.Event()
     records = session.start(inputs, jobs, cancelled)
     frames: list[CanvasFrame | None] = [None] * len(records)

@@ -212,6 +212,18 @@ class DiffusionGenerationMixin(GenerationMixin):
     diffusion_schedule_aligned: bool = False
     diffusion_stop_at_block_end: bool = False
 
+    @property
+    def diffusion_threshold_off(self) -> float | None:
+        """The `threshold` value that turns threshold decoding off for this model. None, unless the family's
+        defaults hold a threshold (Fast-dLLM v2: 0.9), which `threshold=None` in a call falls back to: then 1.0,
+        which its strict rule (probability > threshold) never passes, so a step commits only its most confident
+        position (the schedule's one token), as the reference's `generate` does by default."""
+        if self.diffusion_generation_defaults.get("threshold") is None:
+            return None
+        if not self.diffusion_threshold_strict:
+            raise NotImplementedError("a family default threshold needs a strict rule for threshold=1.0 to be off")
+        return 1.0
+
     @torch.no_grad()
     def diffusion_generate(
         self,
