@@ -61,6 +61,7 @@ ROWS = {  # name -> (generation length, block length or None for one block, extr
     "bd-threshold-0.8-sb8-g256": (256, 32, {"threshold": 0.8, "sub_block_length": 8}),
     "bd-threshold-0.7-sb8-g256": (256, 32, {"threshold": 0.7, "sub_block_length": 8}),
     "bd-threshold-0.9-sb32-g256": (256, 32, {"threshold": 0.9, "sub_block_length": 32}),
+    "bd-left-to-right-g256": (256, 32, {"threshold": 1.0, "sub_block_length": 1}),  # strictly left to right
     "bd-one-token-sb8-g1024": (1024, 32, {"threshold": 1.0, "sub_block_length": 8}),
     "bd-threshold-0.9-sb8-g1024": (1024, 32, {"threshold": 0.9, "sub_block_length": 8}),
 }

@@ -24,6 +24,7 @@ ROWS = {  # evaluate_chain_arith.py rows -> the card's names
     "bd-threshold-0.8-sb8-g256": "threshold 0.8, sub-blocks of 8, gen 256",
     "bd-threshold-0.7-sb8-g256": "threshold 0.7, sub-blocks of 8, gen 256",
     "bd-threshold-0.9-sb32-g256": "threshold 0.9, no sub-blocks, gen 256",
+    "bd-left-to-right-g256": "strictly left to right (sub-blocks of 1), gen 256",
     "bd-one-token-sb8-g1024": "one token per step, sub-blocks of 8, gen 1024",
     "bd-threshold-0.9-sb8-g1024": "threshold 0.9, sub-blocks of 8, gen 1024",
 }
