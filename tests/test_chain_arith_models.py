@@ -27,7 +27,7 @@ PROBLEMS = list(dev_split(8))
 # Correct answers out of the first 8 dev problems (CPU, float32); one below what the shipped weights solve, as
 # margin for other CPUs' rounding.
 MIN_SOLVED_AR = 6  # greedy; solves 7
-MIN_SOLVED = {  # (vanilla at gen 256, block 32, early stop; the shipped generation_config)
+MIN_SOLVED = {  # (vanilla at gen 128, block 32, early stop; the shipped generation_config at gen 256)
     "llada": (7, 7),  # solves 8 and 8
     "dream": (7, 6),  # solves 8 and 7
 }
@@ -78,14 +78,15 @@ def test_diffusion_model_solves_problems(tokenizer, family, folder, cls):
     # the shipped configuration is the card's (train_chain_arith.RECOMMENDED): gen 256, the lossless early stop
     assert (shipped.max_new_tokens, shipped.eos_early_stop) == (256, True)
     assert (shipped.block_length, shipped.threshold, shipped.cache_implementation) == (8, 0.9, "dual")
-    vanilla = benchmark.solve(model, tokenizer, PROBLEMS, 256, 8, {**benchmark.BASE_CONFIG, "steps": 256,
+    # vanilla on a 128-token canvas (every answer fits in 64): half the cost of 256, the same decoding of the answer
+    vanilla = benchmark.solve(model, tokenizer, PROBLEMS, 128, 8, {**benchmark.BASE_CONFIG, "steps": 128,
                                                                    "block_length": 32, "eos_early_stop": True})
     fast = benchmark.solve(model, tokenizer, PROBLEMS, 256, 8, {})  # the shipped generation_config.json
     min_vanilla, min_fast = MIN_SOLVED[family]
     assert solved(vanilla.completions) >= min_vanilla, vanilla.completions
     assert solved(fast.completions) >= min_fast, fast.completions
     # early stop ends the call once every row's answer is settled, long before the canvas end
-    assert fast.calls[0]["nfe"] <= 256 / 2 and vanilla.calls[0]["nfe"] <= 256 / 2
+    assert fast.calls[0]["nfe"] <= 256 / 2 and vanilla.calls[0]["nfe"] < 128
 
 
 @pytest.mark.slow

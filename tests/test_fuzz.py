@@ -12,7 +12,7 @@ cache with its settings, and checks the invariants every configuration must keep
 - `eos_early_stop` keeps the text up to the first stop token identical to the run without it;
 - the exact setting of dLLM-Cache (kp = kr = 1) equals no cache.
 
-CI runs `DLM_FUZZ_EXAMPLES` (default 500) derandomized examples, the same every run; `pytest -m nightly` runs
+CI runs `DLM_FUZZ_EXAMPLES` (default 300) derandomized examples, the same every run; `pytest -m nightly` runs
 `DLM_FUZZ_NIGHTLY_EXAMPLES` (default 5000) fresh random ones. Failing examples hypothesis found are kept below as
 regression tests (`REGRESSIONS`).
 """
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 import dlm_generation  # noqa: F401
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
-CI_EXAMPLES = int(os.environ.get("DLM_FUZZ_EXAMPLES", "500"))
+CI_EXAMPLES = int(os.environ.get("DLM_FUZZ_EXAMPLES", "300"))
 NIGHTLY_EXAMPLES = int(os.environ.get("DLM_FUZZ_NIGHTLY_EXAMPLES", "5000"))
 MASK, EOS, EOT = 500, 501, 502
 CACHES = [None, "prefix", "dual", "freecache", "dllm", "d2cache"]

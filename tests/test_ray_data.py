@@ -3,7 +3,7 @@ rows, stats included, in input order.
 
 Real Ray on this machine (2 CPUs, no dashboard), started once for the module. Decoding uses the shipped tiny LLaDA's
 own generation_config (dual cache, threshold 0.9, block 8) with a 64-token canvas instead of 256: every dev answer
-fits in 64 tokens, and it keeps the 200-prompt single-process reference to under a minute on a small shared machine.
+fits in 64 tokens, and it keeps the single-process reference (64 prompts, 8 batches in 7 uneven blocks) short.
 """
 
 from __future__ import annotations
@@ -55,24 +55,24 @@ def single_process(prompts: list[str], batch_size: int = 8) -> list[dict]:
     return rows
 
 
-def test_200_prompts_on_two_workers_equal_the_single_process_run_in_input_order(ray_cluster):
-    problems = dev_split(200)
+def test_64_prompts_on_two_workers_equal_the_single_process_run_in_input_order(ray_cluster):
+    problems = dev_split(64)
     prompts = [p.question for p in problems]
     expected = single_process(prompts)
     # A Dataset in 7 uneven blocks, with a column of its own that must come through.
     dataset = ray.data.from_items([{"question": p.question, "answer": p.answer} for p in problems],
                                   override_num_blocks=7)
     rows = generate_dataset(dataset, LLADA, num_workers=2, batch_size=8, prompt_column="question", **CONFIG).take_all()
-    assert [row["index"] for row in rows] == list(range(200))
+    assert [row["index"] for row in rows] == list(range(64))
     assert [row["question"] for row in rows] == prompts
     assert [row["answer"] for row in rows] == [p.answer for p in problems]
-    assert [row["batch"] for row in rows] == [i // 8 for i in range(200)]
+    assert [row["batch"] for row in rows] == [i // 8 for i in range(64)]
     assert [{key: row[key] for key in ("completion", "tokens", "nfe")} for row in rows] == expected
     for row in rows:
         assert list(row["completions"]) == [row["completion"]]
         assert row["tokens_per_forward"] == pytest.approx(row["tokens"] / row["nfe"]) and row["seconds"] > 0
     correct = sum(is_correct(row["completion"], p) for row, p in zip(rows, problems))
-    assert correct >= 150, correct  # the model works (and equals the single-process run, above)
+    assert correct >= 48, correct  # the model works (and equals the single-process run, above)
 
 
 def test_the_command_line_prints_what_the_single_process_run_prints(ray_cluster, tmp_path, capsys):
