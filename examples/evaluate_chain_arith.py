@@ -57,6 +57,8 @@ ROWS = {  # name -> (generation length, block length or None for one block, extr
     # Block-diffusion models (Fast-dLLM v2): the exact block cache by default; one token per step is threshold 1
     # (probability > 1 never holds: only the most confident position), as the reference's generate defaults to.
     "bd-one-token-sb8-g256": (256, 32, {"threshold": 1.0, "sub_block_length": 8}),
+    "bd-threshold-0.99-sb8-g256": (256, 32, {"threshold": 0.99, "sub_block_length": 8}),
+    "bd-threshold-0.95-sb8-g256": (256, 32, {"threshold": 0.95, "sub_block_length": 8}),
     "bd-threshold-0.9-sb8-g256": (256, 32, {"threshold": 0.9, "sub_block_length": 8}),
     "bd-threshold-0.8-sb8-g256": (256, 32, {"threshold": 0.8, "sub_block_length": 8}),
     "bd-threshold-0.7-sb8-g256": (256, 32, {"threshold": 0.7, "sub_block_length": 8}),

@@ -20,6 +20,8 @@ from write_model_cards import parameter_count, plot_calibration  # noqa: E402
 
 ROWS = {  # evaluate_chain_arith.py rows -> the card's names
     "bd-one-token-sb8-g256": "one token per step (threshold 1), sub-blocks of 8, gen 256",
+    "bd-threshold-0.99-sb8-g256": "threshold 0.99, sub-blocks of 8, gen 256",
+    "bd-threshold-0.95-sb8-g256": "threshold 0.95, sub-blocks of 8, gen 256",
     "bd-threshold-0.9-sb8-g256": "threshold 0.9, sub-blocks of 8, gen 256",
     "bd-threshold-0.8-sb8-g256": "threshold 0.8, sub-blocks of 8, gen 256",
     "bd-threshold-0.7-sb8-g256": "threshold 0.7, sub-blocks of 8, gen 256",
@@ -165,6 +167,27 @@ the same run):
 | config | gen | batch | accuracy | NFE | tok/fwd | tok/s | speedup vs vanilla | vs AR |
 |---|---|---|---|---|---|---|---|---|
 {bench_lines}
+"""
+    one, fast = rows["bd-one-token-sb8-g256"]["accuracy"], rows["bd-threshold-0.9-sb8-g256"]["accuracy"]
+    left = rows.get("bd-left-to-right-g256", {}).get("accuracy")
+    by = {(r["config"], r["gen_length"], r["batch_size"]): r for r in bench["rows"]}
+    default_1 = [by[("model-default", g, 1)]["speedup_vs_ar"] for g in (256, 1024) if ("model-default", g, 1) in by]
+    curve_tail = [100 * c["dev"]["one token per step"]["accuracy"] for c in log["curve"][-3:]]
+    text += f"""
+## Against the issue's targets
+
+Issue 24 asked, on 200 dev problems at gen 256: one token per step at 97% or more (measured: **{100 * one:.1f}%**),
+threshold 0.9 within a point of it ({100 * fast:.1f}%, {100 * (one - fast):.1f} points below), and at batch 1 faster than
+the AR model through transformers' `generate` with its KV cache at equal accuracy (the shipped configuration:
+{", ".join(f"{v:.2f}x" for v in default_1)} the AR model's speed at gen 256 / 1024, at lower accuracy). None is met
+within the budget. What limits one token per step is what the weights know, not the order of commits: decoded
+strictly left to right the same weights score {100 * left:.1f}% (the AR model they came from: 99.2%); the learning
+curve has stayed near {min(curve_tail):.0f}-{max(curve_tail):.0f}% over its last
+{log["curve"][-1]["step"] - log["curve"][-3]["step"]} steps; and the adaptation saw {log["step"] * run["batch_size"]:,}
+samples (a few million tokens) where Fast-dLLM v2 adapts with about a billion. Threshold decoding loses more on top
+because the commits are overconfident (the reliability diagram: {100 * accuracy["calibration"]["token_accuracy"]:.1f}%
+of the tokens committed at threshold 0.9 are right, ECE {accuracy["calibration"]["ece"]:.3f}). The exact block cache
+keeps the cost per generated token flat from gen 256 to 1024 (the tables above).
 """
     (folder / "README.md").write_text(text)
     print(f"wrote {folder / 'README.md'}")
