@@ -597,13 +597,14 @@ FULL_FACTOR = {**_COMMON, "alg": "topk_margin", "factor": 1.0, **FREECACHE}
 FULL_GUIDED = {**{k: v for k, v in _COMMON.items() if k != "temperature"}, "alg": "entropy", **FREECACHE,
                "guidance": {"strategy": "topk_relative", "top_k": 3, "relative_threshold": 0.4, "verify_chunk": 16,
                             "draft_temperature": 0.2, "assistant_model_id": "org/guide"}}
+FULL_ENTROPY = {**_COMMON, "alg": "low_confidence", "entropy_bound": 0.4, **FREECACHE}
 FULL_CONFIGS = [pytest.param(FULL_THRESHOLD, id="threshold"), pytest.param(FULL_FACTOR, id="factor"),
-                pytest.param(FULL_GUIDED, id="guided")]
+                pytest.param(FULL_GUIDED, id="guided"), pytest.param(FULL_ENTROPY, id="entropy-bound")]
 
 
 def test_full_configs_cover_every_diffusion_field():
-    assert set(DIFFUSION_DEFAULTS) <= set(FULL_THRESHOLD) | set(FULL_FACTOR) | set(FULL_GUIDED)
-    assert set(DIFFUSION_DEFAULTS) - {"factor", "guidance"} <= set(FULL_THRESHOLD)
+    assert set(DIFFUSION_DEFAULTS) <= set(FULL_THRESHOLD) | set(FULL_FACTOR) | set(FULL_GUIDED) | set(FULL_ENTROPY)
+    assert set(DIFFUSION_DEFAULTS) - {"factor", "guidance", "entropy_bound"} <= set(FULL_THRESHOLD)
 
 
 def assert_fields(config, fields):

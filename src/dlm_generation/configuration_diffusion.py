@@ -42,6 +42,7 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "eot_token_id": None,
     "threshold": None,
     "factor": None,
+    "entropy_bound": None,
     "mask_token_id": None,
     "eos_early_stop": False,
     "guidance": None,  # None: no AR guide (unless the call passes assistant_model=)
@@ -139,6 +140,9 @@ class DiffusionGenerationConfig(GenerationConfig):
     - `threshold` (float): Fast-dLLM parallel decoding: commit every eligible position with confidence >=
       threshold, and always the most confident one.
     - `factor` (float): Fast-dLLM factor decoding: commit the leading run of confidences with c_r >= 1 - f/(r+1).
+    - `entropy_bound` (float > 0): EB-Sampler (arXiv 2505.24857; transformers' DiffusionGemma name): per step, commit
+      the eligible positions in order of increasing entropy while the sum of their entropies minus the largest stays
+      within the bound (always at least one). An alternative to `threshold` / `factor`.
     - `mask_token_id` (int): defaults to the model config's.
     - `eos_early_stop` (bool): a row stops as soon as every position before its first stop token is committed;
       what follows that token becomes `pad_token_id`. Lossless for the text up to the stop token.
@@ -239,6 +243,17 @@ class DiffusionGenerationConfig(GenerationConfig):
                           "still to decode; use the EOS id (or another non-mask id) as pad_token_id.")
         if self.threshold is not None and self.factor is not None:
             errors.append("threshold and factor are two alternative parallel-decoding policies; set only one of them.")
+        if self.entropy_bound is not None:
+            if not is_number(self.entropy_bound) or self.entropy_bound <= 0:
+                errors.append(f"entropy_bound must be a number > 0, got {self.entropy_bound!r} (the EB-Sampler paper "
+                              "uses 0.01-1; larger commits more tokens per step).")
+            others = [name for name in ("threshold", "factor") if getattr(self, name) is not None]
+            if others:
+                errors.append(f"entropy_bound and {' and '.join(others)} are alternative parallel-decoding policies; "
+                              f"set only one of them (pass {others[0]}=None... or drop entropy_bound).")
+            if self.alg in ("origin", "confidence_threshold"):
+                errors.append(f"alg={self.alg!r} is a commit policy of its own; entropy_bound replaces it: use "
+                              "alg='low_confidence' (the scorer only breaks nothing here) or drop entropy_bound.")
         if self.alg == "origin" and (self.threshold is not None or self.factor is not None):
             errors.append(
                 "alg='origin' reveals random positions and has no confidence to threshold; use another alg with "
@@ -386,14 +401,17 @@ def check_no_unknown_fields(unknown: dict[str, Any], where: str) -> None:
 
 
 # What AR guidance replaces: dropped when inherited from the model's generation_config by a call that asks for guidance.
-GUIDANCE_REPLACES = ("threshold", "factor", "temperature", "do_sample")
+GUIDANCE_REPLACES = ("threshold", "factor", "entropy_bound", "temperature", "do_sample")
+# The parallel-decoding policies: alternatives, one of which a call (or its passed config) may choose over the others
+# that it would only inherit from the model's generation_config or the family's defaults.
+POLICY_FIELDS = ("threshold", "factor", "entropy_bound")
 
 
 def guidance_conflicts(config) -> list[str]:
     """What an AR-guided config sets that guidance replaces (the guide decides what to commit and drafts at its own
     temperature)."""
     conflicts = []
-    for name in ("threshold", "factor"):
+    for name in ("threshold", "factor", "entropy_bound"):
         if getattr(config, name, None) is not None:
             conflicts.append(f"{name}={getattr(config, name)!r} cannot be combined with guidance: the guide decides "
                              f"which proposals to commit; pass {name}=None.")

@@ -158,6 +158,7 @@ class StepContext:
     count: torch.Tensor  # (batch,) the schedule's number of positions to commit
     remaining: torch.Tensor  # (batch,) eligible masks before this step
     schedule: LinearSchedule | EpsSchedule  # for policies that need more than the count (origin)
+    entropy: torch.Tensor | None = None  # (batch, window) entropies, for policies with `needs_entropy`
 
 
 def descending_ranks(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +170,8 @@ def descending_ranks(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 class CommitPolicy:
     """Chooses the positions to commit. `confidence` holds -inf at ineligible positions."""
+
+    needs_entropy = False  # the step computes `ctx.entropy` (the entropy of every window position's distribution)
 
     def begin_block(self, eligible: torch.Tensor, steps_in_block: int) -> None:
         pass
@@ -259,6 +262,26 @@ class FactorPolicy(CommitPolicy):
         return eligible & (ranks < count[:, None])
 
 
+class EntropyBoundPolicy(CommitPolicy):
+    """EB-Sampler (arXiv 2505.24857): the eligible positions in order of increasing entropy, as many as keep the sum
+    of their entropies minus the largest (an upper bound on their mutual dependence) within `bound`; the lowest
+    entropy one always passes. The same acceptance rule as transformers' `EntropyBoundSampler`, over the positions
+    this step may commit."""
+
+    needs_entropy = True
+
+    def __init__(self, bound: float):
+        self.bound = bound
+
+    def select(self, confidence, eligible, ctx):
+        entropy = torch.where(eligible, ctx.entropy, torch.inf)
+        ordered, order = torch.sort(entropy, dim=-1, stable=True)
+        # sorted ascending, so each prefix's largest entropy is its last one
+        within = (ordered.cumsum(-1) - ordered <= self.bound) | (torch.arange(ordered.shape[-1], device=ordered.device) == 0)
+        accepted = torch.zeros_like(within).scatter(-1, order, within)
+        return eligible & accepted
+
+
 class OriginPolicy(CommitPolicy):
     """Dream `alg="origin"`: every eligible mask is revealed independently with the schedule's probability."""
 
@@ -309,6 +332,8 @@ def build_strategies(config, strict_threshold: bool = False, threshold_at_least_
         policy = ThresholdPolicy(config.threshold, strict_threshold, threshold_at_least_count)
     elif config.factor is not None:
         policy = FactorPolicy(config.factor)
+    elif getattr(config, "entropy_bound", None) is not None:
+        policy = EntropyBoundPolicy(config.entropy_bound)
     elif config.alg_temp:
         policy = SampledTopKPolicy(config.alg_temp)
     else:

@@ -27,6 +27,7 @@ from .configuration_diffusion import (
     DEFAULT_MAX_NEW_TOKENS,
     GUIDANCE_REPLACES,
     LIBRARY_DEFAULTS,
+    POLICY_FIELDS,
     DiffusionGenerationConfig,
     check_no_unknown_fields,
     unknown_fields,
@@ -632,8 +633,12 @@ class DiffusionGenerationMixin(GenerationMixin):
         # 4.4 commit
         schedule = rules.strategies.schedule
         denoising_step = state.step - state.fill_steps  # the schedule counts denoising steps only
+        entropy = None
+        if rules.strategies.policy.needs_entropy:  # EB-Sampler: the entropy of each position's distribution
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1)
         ctx = StepContext(step=denoising_step, count=schedule.count(denoising_step, remaining), remaining=remaining,
-                          schedule=schedule)
+                          schedule=schedule, entropy=entropy)
         commit, tokens = rules.commit_rule.choose(canvas, proposal.tokens, confidence, eligible, ctx, step_start)
         unseen_later = cache.settled_before() + rules.shift  # later steps of this block see no logits left of it
         if unseen_later > step_start:
@@ -709,6 +714,13 @@ class DiffusionGenerationMixin(GenerationMixin):
         # None then means "back to the default", the family's if it has one, else the library's.
         defaults = {**LIBRARY_DEFAULTS, **self.diffusion_generation_defaults}
         resolved.update({k: (v if v is not None else defaults.get(k)) for k, v in call_kwargs.items()})
+        # A parallel-decoding policy chosen by this call (or its passed config) replaces the alternatives it would
+        # only inherit (a model that ships threshold 0.9 still decodes with a call's entropy_bound).
+        chosen = {name for name in POLICY_FIELDS if call_kwargs.get(name) is not None or layers[2].get(name) is not None}
+        if chosen:
+            for name in POLICY_FIELDS:
+                if name not in chosen:
+                    resolved[name] = None
         for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
             if resolved.get(name) is None:
                 resolved[name] = getattr(self.config, name, None)
