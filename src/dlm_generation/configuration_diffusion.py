@@ -43,6 +43,7 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "threshold": None,
     "factor": None,
     "entropy_bound": None,
+    "position_decay": None,
     "mask_token_id": None,
     "eos_early_stop": False,
     "guidance": None,  # None: no AR guide (unless the call passes assistant_model=)
@@ -143,6 +144,9 @@ class DiffusionGenerationConfig(GenerationConfig):
     - `entropy_bound` (float > 0): EB-Sampler (arXiv 2505.24857; transformers' DiffusionGemma name): per step, commit
       the eligible positions in order of increasing entropy while the sum of their entropies minus the largest stays
       within the bound (always at least one). An alternative to `threshold` / `factor`.
+    - `position_decay` (float >= 0): PC-Sampler's position-aware calibration (arXiv 2508.13021): a position's
+      confidence is weighted by exp(-position_decay * its distance from the row's leftmost committable mask)
+      (negative scores, `alg="entropy"`, are divided by the weight), with every scorer and policy. 0 or None: off.
     - `mask_token_id` (int): defaults to the model config's.
     - `eos_early_stop` (bool): a row stops as soon as every position before its first stop token is committed;
       what follows that token becomes `pad_token_id`. Lossless for the text up to the stop token.
@@ -243,6 +247,9 @@ class DiffusionGenerationConfig(GenerationConfig):
                           "still to decode; use the EOS id (or another non-mask id) as pad_token_id.")
         if self.threshold is not None and self.factor is not None:
             errors.append("threshold and factor are two alternative parallel-decoding policies; set only one of them.")
+        if self.position_decay is not None and (not is_number(self.position_decay) or self.position_decay < 0):
+            errors.append(f"position_decay must be a number >= 0 (0 or None: off), got {self.position_decay!r}; "
+                          "PC-Sampler uses values around 0.1-1 per position.")
         if self.entropy_bound is not None:
             if not is_number(self.entropy_bound) or self.entropy_bound <= 0:
                 errors.append(f"entropy_bound must be a number > 0, got {self.entropy_bound!r} (the EB-Sampler paper "

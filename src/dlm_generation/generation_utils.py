@@ -629,6 +629,11 @@ class DiffusionGenerationMixin(GenerationMixin):
             rules.mask_index, need_probability=cache.needs_token_probability,
         )
         scores = cache.rescore(proposal.confidence, proposal.probability, canvas, step_start, step_end)
+        if config.position_decay:  # PC-Sampler: confidence decays with the distance from the leftmost committable mask
+            offsets = torch.arange(step_end - step_start, device=canvas.device)
+            distance = (offsets - eligible.long().argmax(-1, keepdim=True)).clamp_min(0)
+            weight = torch.exp(-config.position_decay * distance.float()).to(scores.dtype)
+            scores = torch.where(scores >= 0, scores * weight, scores / weight)
         confidence = torch.where(eligible, scores, NEG_INF)
         # 4.4 commit
         schedule = rules.strategies.schedule
