@@ -262,6 +262,12 @@ class FactorPolicy(CommitPolicy):
         return eligible & (ranks < count[:, None])
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats, float32) of each position's distribution softmax(`logits`) (..., vocab) -> (...)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).nan_to_num().sum(-1)
+
+
 class EntropyBoundPolicy(CommitPolicy):
     """EB-Sampler (arXiv 2505.24857): the eligible positions in order of increasing entropy, as many as keep the sum
     of their entropies minus the largest (an upper bound on their mutual dependence) within `bound`; the lowest

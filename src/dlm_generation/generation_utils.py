@@ -38,7 +38,14 @@ from .configuration_diffusion import (
 from .diffusion_cache import CacheStep, DiffusionCache, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
 from .diffusion_guidance import ARGuide, check_shared_vocabulary, resolve_guidance_config
-from .diffusion_strategies import NEG_INF, PolicyCommitRule, StepContext, build_strategies, propose_tokens
+from .diffusion_strategies import (
+    NEG_INF,
+    PolicyCommitRule,
+    StepContext,
+    build_strategies,
+    propose_tokens,
+    token_entropy,
+)
 
 MODEL_INPUT_NAMES = {"input_ids", "attention_mask", "tokenizer", "assistant_tokenizer"}
 # Arguments that pipelines and upstream `generate` callers pass and that have no effect on diffusion decoding.
@@ -638,10 +645,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         # 4.4 commit
         schedule = rules.strategies.schedule
         denoising_step = state.step - state.fill_steps  # the schedule counts denoising steps only
-        entropy = None
-        if rules.strategies.policy.needs_entropy:  # EB-Sampler: the entropy of each position's distribution
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1)
+        # EB-Sampler reads the entropy of each position's distribution
+        entropy = token_entropy(logits) if rules.strategies.policy.needs_entropy else None
         ctx = StepContext(step=denoising_step, count=schedule.count(denoising_step, remaining), remaining=remaining,
                           schedule=schedule, entropy=entropy)
         commit, tokens = rules.commit_rule.choose(canvas, proposal.tokens, confidence, eligible, ctx, step_start)
