@@ -342,7 +342,8 @@ def test_the_registry_holds_every_built_in_cache_by_name(model, monkeypatch):
     """`cache_implementation` names map to the classes that declare them, and diffusion_generate builds the cache
     from the registry with its cache_config resolved exactly once (validation only checks it)."""
     expected = {"prefix": PrefixCache, "dual": DualCache, "freecache": FreeCache, "dllm": dlm_generation.DLLMCache,
-                "d2cache": dlm_generation.D2Cache, "block": dlm_generation.BlockKVCache}
+                "d2cache": dlm_generation.D2Cache, "elastic": dlm_generation.ElasticCache,
+                "block": dlm_generation.BlockKVCache}
     assert dlm_generation.DIFFUSION_CACHE_CLASSES == expected
     assert all(cls.cache_name == name for name, cls in expected.items())
     config = dlm_generation.DiffusionGenerationConfig(cache_implementation="dllm", cache_config={"rho": 0.5})

@@ -591,7 +591,8 @@ _COMMON = dict(steps=16, block_length=8, sub_block_length=4, schedule="eps", alg
                eos_token_id=501, pad_token_id=501)
 # threshold and factor exclude each other, so "every diffusion field" takes two configs.
 FREECACHE = {"cache_implementation": "freecache", "cache_config": {"window_left": 32, "window_right": 128}}
-FULL_THRESHOLD = {**_COMMON, "alg": "maskgit_plus", "threshold": 0.8, "position_decay": 0.2, **FREECACHE}
+FULL_THRESHOLD = {**_COMMON, "alg": "maskgit_plus", "threshold": 0.8, "position_decay": 0.2, "suffix_window": 48,
+                  **FREECACHE}
 FULL_FACTOR = {**_COMMON, "alg": "topk_margin", "factor": 1.0, **FREECACHE}
 # guidance replaces the commit policy and draws at its own temperature
 FULL_GUIDED = {**{k: v for k, v in _COMMON.items() if k != "temperature"}, "alg": "entropy", **FREECACHE,

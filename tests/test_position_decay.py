@@ -44,3 +44,13 @@ def test_validation_says_what_to_change():
     with pytest.raises(ValueError, match="position_decay must be a number >= 0"):
         DiffusionGenerationConfig(position_decay=-1)
     assert DiffusionGenerationConfig(position_decay=0.3).position_decay == 0.3
+
+
+def test_it_scales_the_entropy_that_the_entropy_bound_reads(llada_chain_arith, chain_arith_tokenizer):
+    """EB-Sampler ranks and bounds by entropy, not confidence: the decay divides it by the weight (the uncertainty of
+    a far position counts more), so a strong decay decodes left to right under an entropy bound too."""
+    bound = decode(llada_chain_arith, chain_arith_tokenizer, entropy_bound=0.5)
+    decayed = decode(llada_chain_arith, chain_arith_tokenizer, entropy_bound=0.5, position_decay=50.0)
+    assert decayed.nfe > bound.nfe
+    steps = decayed.commit_steps[0].tolist()
+    assert steps == sorted(steps)

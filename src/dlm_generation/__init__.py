@@ -14,7 +14,7 @@ from .configuration_llada import LLaDAConfig
 from .configuration_sdar import SDARConfig
 from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, StepOutcome
 from .diffusion_caches import DIFFUSION_CACHE_CLASSES
-from .diffusion_adaptive_caches import D2Cache, DLLMCache
+from .diffusion_adaptive_caches import D2Cache, DLLMCache, ElasticCache
 from .diffusion_kv_caches import BlockKVCache, DualCache, FreeCache, PrefixCache
 from .engine import DiffusionEngine, EngineFullError, RequestOutput
 from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin, generated_lengths

@@ -44,6 +44,7 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "factor": None,
     "entropy_bound": None,
     "position_decay": None,
+    "suffix_window": None,  # None: every masked position after the block enters the forward
     "mask_token_id": None,
     "eos_early_stop": False,
     "guidance": None,  # None: no AR guide (unless the call passes assistant_model=)
@@ -146,7 +147,12 @@ class DiffusionGenerationConfig(GenerationConfig):
       within the bound (always at least one). An alternative to `threshold` / `factor`.
     - `position_decay` (float >= 0): PC-Sampler's position-aware calibration (arXiv 2508.13021): a position's
       confidence is weighted by exp(-position_decay * its distance from the row's leftmost committable mask)
-      (negative scores, `alg="entropy"`, are divided by the weight), with every scorer and policy. 0 or None: off.
+      (negative scores, `alg="entropy"`, are divided by the weight; so is the entropy `entropy_bound` reads), with
+      every scorer and policy. 0 or None: off.
+    - `suffix_window` (int >= 0): DPad (arXiv 2508.14148): while a semi-AR block decodes, only the first
+      `suffix_window` positions after it enter the model's forwards (the masked suffix beyond them is left out, its
+      positions keep their rotary positions); works with no cache and the prefix, dual, FreeCache and Elastic-Cache
+      caches. None: the whole canvas (today's behaviour). No effect with a single block (`block_length=None`).
     - `mask_token_id` (int): defaults to the model config's.
     - `eos_early_stop` (bool): a row stops as soon as every position before its first stop token is committed;
       what follows that token becomes `pad_token_id`. Lossless for the text up to the stop token.
@@ -250,6 +256,9 @@ class DiffusionGenerationConfig(GenerationConfig):
         if self.position_decay is not None and (not is_number(self.position_decay) or self.position_decay < 0):
             errors.append(f"position_decay must be a number >= 0 (0 or None: off), got {self.position_decay!r}; "
                           "PC-Sampler uses values around 0.1-1 per position.")
+        if self.suffix_window is not None and not (is_int(self.suffix_window) and self.suffix_window >= 0):
+            errors.append(f"suffix_window must be a non-negative integer (masked positions after the block that enter "
+                          f"a forward; DPad keeps about 64-128) or None for all of them, got {self.suffix_window!r}.")
         if self.entropy_bound is not None:
             if not is_number(self.entropy_bound) or self.entropy_bound <= 0:
                 errors.append(f"entropy_bound must be a number > 0, got {self.entropy_bound!r} (the EB-Sampler paper "

@@ -13,7 +13,7 @@ needs between steps. Two sides talk to it:
   - `update(key, value, layer_idx)` inside attention (`modeling_diffusion_utils.diffusion_attention`): the keys
     of the recomputed rows and the values of every row in, the keys and values to attend to out;
   - `observe_attention(layer_idx, weights)`, only for a cache with `needs_attention_weights`: the head-averaged
-    attention weights of the forward's queries;
+    attention weights of the forward's queries (or of the rows `attention_weight_rows` names);
   - `reuse(layer_idx, "attention" | "ffn", output)`, twice: the recomputed rows' attention / FFN output in, the
     output of every row of the forward out (the cache fills in the rows it did not recompute).
 
@@ -88,6 +88,9 @@ class StepOutcome:
 class DiffusionCache:
     """Null cache: run the whole canvas at every step, store nothing.
 
+    `forward_end`: the loop may lower it per block (`suffix_window`, DPad); a cache with `supports_suffix_window`
+    plans no position at or after it.
+
     Subclasses override what they need:
 
     * `plan_step(canvas, step)`: the `CacheStep` of the next forward (`step` counts from 0 inside the block).
@@ -110,6 +113,10 @@ class DiffusionCache:
     # Given to begin_generation for AR-guided decoding: guided rows commit left to right from their first mask, so a
     # cache that chooses which masked positions to compute must include each row's first `guided_frontier` masks.
     guided_frontier = 0
+    # True for a cache whose plans end at `forward_end` (DPad's `suffix_window`: the loop sets it per block, and the
+    # forwards leave the canvas after it out); a cache that plans over the whole canvas by construction keeps False
+    # and the loop refuses `suffix_window` with it.
+    supports_suffix_window = False
     # True for a cache built for block-causal attention (the block-diffusion models' exact KV cache); the loop refuses
     # it for full-attention models, and block-diffusion models refuse the others.
     block_causal_only = False
@@ -160,6 +167,8 @@ class DiffusionCache:
         self.logits_shift = logits_shift
         self.mask_token_id = mask_token_id
         self.block_start, self.block_end = self.prompt_length, self.canvas_length
+        # Forwards run positions before this only (the loop lowers it per block for `suffix_window`).
+        self.forward_end = self.canvas_length
 
     def begin_block(self, block_start: int, block_end: int) -> None:
         """Called when the loop moves to the block [block_start, block_end) of the canvas (kept as block_start /
@@ -167,8 +176,10 @@ class DiffusionCache:
         self.block_start, self.block_end = block_start, block_end
 
     def plan_step(self, canvas: torch.Tensor, step: int) -> CacheStep:
-        """The positions the next forward runs and the keys they see (the null cache: everything)."""
-        return CacheStep(0, canvas.shape[1], canvas.shape[1])
+        """The positions the next forward runs and the keys they see (the null cache: everything up to
+        `forward_end`, the canvas end unless `suffix_window` lowers it)."""
+        end = self.forward_end if self.canvas_length else canvas.shape[1]
+        return CacheStep(0, end, end)
 
     def settled_before(self) -> int:
         """Positions left of this get no fresh logits in the current block's later steps (the null cache: none)."""
@@ -200,6 +211,12 @@ class DiffusionCache:
     def observe_attention(self, layer_idx: int, weights: torch.Tensor) -> None:
         """Model side, with `needs_attention_weights`: the head-averaged attention weights (batch, queries, keys)
         of one layer of this forward."""
+
+    def attention_weight_rows(self, layer_idx: int, batch: int) -> torch.Tensor | None:
+        """Model side, with `needs_attention_weights`, before attention: None to observe the weights of every query
+        of the forward (one explicit softmax that also gives the output), or the rows (`batch`, n) of the forward's
+        queries whose weights `observe_attention` should get (the output then comes from SDPA)."""
+        return None
 
     def reuse(self, layer_idx: int, name: str, output: torch.Tensor) -> torch.Tensor:
         """Model side, after attention (`name="attention"`) and after the FFN (`"ffn"`): the recomputed rows' output

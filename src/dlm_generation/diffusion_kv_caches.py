@@ -27,7 +27,10 @@ from .diffusion_cache import CacheStep, DiffusionCache, LayerKVStore, is_int
 
 
 class CanvasKVCache(DiffusionCache):
-    """Per-layer keys and values of the whole canvas; subclasses choose the query range of the block's steps."""
+    """Per-layer keys and values of the whole canvas; subclasses choose the query range of the block's steps.
+    Forwards end at `forward_end` (`suffix_window`): the keys after it are neither written nor read."""
+
+    supports_suffix_window = True
 
     def begin_generation(self, canvas, attention_mask, mask_token_id, **details):
         super().begin_generation(canvas, attention_mask, mask_token_id, **details)
@@ -35,7 +38,7 @@ class CanvasKVCache(DiffusionCache):
         self.current = CacheStep(0, self.canvas_length, self.canvas_length)
 
     def plan_step(self, canvas, step):
-        full = CacheStep(0, self.canvas_length, self.canvas_length)
+        full = CacheStep(0, self.forward_end, self.forward_end)
         self.current = full if step == 0 else self.cached_step()
         return self.current
 
@@ -64,7 +67,7 @@ class PrefixCache(CanvasKVCache):
     cache_name = "prefix"
 
     def cached_step(self):
-        return CacheStep(self.block_start, self.canvas_length, self.canvas_length)
+        return CacheStep(self.block_start, self.forward_end, self.forward_end)
 
 
 class DualCache(CanvasKVCache):
@@ -73,7 +76,7 @@ class DualCache(CanvasKVCache):
     cache_name = "dual"
 
     def cached_step(self):
-        return CacheStep(self.block_start, self.block_end, self.canvas_length)
+        return CacheStep(self.block_start, self.block_end, self.forward_end)
 
 
 class FreeCache(CanvasKVCache):
@@ -97,7 +100,7 @@ class FreeCache(CanvasKVCache):
         self.started = False
 
     def plan_step(self, canvas, step):
-        length = self.canvas_length
+        length = self.forward_end
         if not self.started:  # the first forward of the call refreshes everything
             self.started = True
             self.current = CacheStep(0, length, length)
@@ -145,6 +148,7 @@ class BlockKVCache(CanvasKVCache):
 
     cache_name = "block"
     block_causal_only = True
+    supports_suffix_window = False  # block-causal: the suffix never enters a forward anyway
 
     def __init__(self, cache_config=None, block_length: int | None = None):
         super().__init__(cache_config)

@@ -131,6 +131,7 @@ class DecodeRules:
     # size, so the first one may begin inside the prompt); sub-blocks are counted from it.
     blocks: list = None
     sub_block_length: int | None = None
+    suffix_window: int | None = None  # DPad: positions after the block that enter a forward (None: all)
 
 
 @dataclass
@@ -448,6 +449,12 @@ class DiffusionGenerationMixin(GenerationMixin):
             uncond_prompt = input_ids.masked_fill(input_ids != mask_id, mask_id)
         strategies = build_strategies(config, self.diffusion_threshold_strict, self.diffusion_threshold_at_least_count)
         cache = self._prepare_diffusion_cache(config, past_key_values)
+        if config.suffix_window is not None and not (cache.supports_suffix_window or type(cache) is DiffusionCache):
+            name = getattr(cache, "cache_name", None) or type(cache).__name__
+            raise ValueError(
+                f"suffix_window={config.suffix_window} needs a cache whose forwards can end after the block; the "
+                f"{name!r} cache chooses positions over the whole canvas. Use suffix_window with no cache or with "
+                "'prefix', 'dual', 'freecache' or 'elastic', or drop suffix_window.")
         processors = self._prepare_logits_processors(config, logits_processor, canvas.device)
         criteria = StoppingCriteriaList(stopping_criteria or [])
         stop_ids = self._stop_token_ids(config, canvas.device)
@@ -466,6 +473,7 @@ class DiffusionGenerationMixin(GenerationMixin):
             shift=self.diffusion_logits_shift, block_length=block_length, num_blocks=num_blocks,
             steps_in_block=config.steps // (config.max_new_tokens // block_length), tokenizer=tokenizer,
             blocks=blocks, sub_block_length=config.sub_block_length,
+            suffix_window=config.suffix_window,
         )
         state = DecodeState(
             canvas=canvas, finished=torch.zeros(batch, dtype=torch.bool, device=canvas.device), prompt_len=prompt_len,
@@ -522,6 +530,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         rules.strategies.policy.begin_block(eligible_counts, rules.steps_in_block)
         state.block, state.block_start, state.block_end = block, block_start, block_end
         state.cache.begin_block(state.block_start, block_end)
+        if rules.suffix_window is not None:  # DPad: the forwards of this block end this far after it
+            state.cache.forward_end = min(state.canvas.shape[1], block_end + rules.suffix_window)
         state.step = state.fill_steps = 0
         # Every policy commits at least one token per row within its step budget, so this bound is never reached;
         # it turns a future policy bug into an error instead of a hang.
@@ -636,17 +646,19 @@ class DiffusionGenerationMixin(GenerationMixin):
             rules.mask_index, need_probability=cache.needs_token_probability,
         )
         scores = cache.rescore(proposal.confidence, proposal.probability, canvas, step_start, step_end)
+        # EB-Sampler reads the entropy of each position's distribution
+        entropy = token_entropy(logits) if rules.strategies.policy.needs_entropy else None
         if config.position_decay:  # PC-Sampler: confidence decays with the distance from the leftmost committable mask
             offsets = torch.arange(step_end - step_start, device=canvas.device)
             distance = (offsets - eligible.long().argmax(-1, keepdim=True)).clamp_min(0)
             weight = torch.exp(-config.position_decay * distance.float()).to(scores.dtype)
             scores = torch.where(scores >= 0, scores * weight, scores / weight)
+            if entropy is not None:  # an uncertainty grows with the distance as a negative score does
+                entropy = entropy / weight.to(entropy.dtype)
         confidence = torch.where(eligible, scores, NEG_INF)
         # 4.4 commit
         schedule = rules.strategies.schedule
         denoising_step = state.step - state.fill_steps  # the schedule counts denoising steps only
-        # EB-Sampler reads the entropy of each position's distribution
-        entropy = token_entropy(logits) if rules.strategies.policy.needs_entropy else None
         ctx = StepContext(step=denoising_step, count=schedule.count(denoising_step, remaining), remaining=remaining,
                           schedule=schedule, entropy=entropy)
         commit, tokens = rules.commit_rule.choose(canvas, proposal.tokens, confidence, eligible, ctx, step_start)

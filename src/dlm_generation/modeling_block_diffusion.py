@@ -124,6 +124,9 @@ class BlockDiffusionMixin:
         if config.guidance is not None:
             problems.append(f"guidance: AR-guided diffusion is built for full-attention models; {name} already "
                             "decodes block by block with an exact cache.")
+        if config.suffix_window is not None:
+            problems.append(f"suffix_window: {name} attends block-causally, so the masked positions after the block "
+                            "never enter a forward; leave suffix_window unset (None).")
         problems += self._check_block_diffusion_settings(config)
         if problems:
             raise ValueError(f"Invalid settings for {name}:\n  - " + "\n  - ".join(problems))

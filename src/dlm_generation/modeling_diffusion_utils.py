@@ -198,25 +198,41 @@ def diffusion_attention(
     key, value = past_key_values.update(key, value, layer_idx)
     n_rep = query.shape[1] // key.shape[1]
     scale = 1.0 / math.sqrt(query.shape[-1])
-    if not past_key_values.needs_attention_weights and _SDPA_GQA:  # grouped heads without copying keys / values
+    needs_weights = past_key_values.needs_attention_weights
+    weight_rows = past_key_values.attention_weight_rows(layer_idx, query.shape[0]) if needs_weights else None
+    if weight_rows is not None:  # the weights of a few queries only: SDPA for the output, those rows explicitly
+        picked = query.gather(2, weight_rows[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]))
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
+            mask = mask.gather(2, weight_rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+        keys = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+        past_key_values.observe_attention(layer_idx, _attention_weights(picked, keys, mask, scale).mean(1))
+    if (not needs_weights or weight_rows is not None) and _SDPA_GQA:  # grouped heads without copying keys / values
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=False, scale=scale,
                                               enable_gqa=n_rep > 1)
     if n_rep > 1:
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
-    if not past_key_values.needs_attention_weights:
+    if not needs_weights or weight_rows is not None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=False, scale=scale)
     # The cache reads the weights (d2Cache's attention rollout): one explicit softmax over the queries this forward
     # runs, whose output is the attention output too (nothing is computed twice).
+    weights = _attention_weights(query, key, attention_mask, scale)
+    past_key_values.observe_attention(layer_idx, weights.mean(1))
+    return torch.matmul(weights.to(value.dtype), value)
+
+
+def _attention_weights(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) in float32 over (batch, heads, queries, head_dim) and (batch, heads, keys, head_dim),
+    with a boolean (True = attend) or additive mask."""
     scores = torch.matmul(query, key.transpose(-1, -2)).to(torch.float32) * scale
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    weights = scores.softmax(-1)
-    past_key_values.observe_attention(layer_idx, weights.mean(1))
-    return torch.matmul(weights.to(value.dtype), value)
+    return scores.softmax(-1)
 
 
 def gather_rows(hidden_states: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
