@@ -1,9 +1,9 @@
 """Property-based fuzzing of `diffusion_generate` over every configuration axis (hypothesis).
 
 Each example draws a model family (the shipped tiny random LLaDA / Dream), a left-padded batch of prompts, a canvas
-and block layout, steps, schedule, scorer, commit policy (steps, threshold, factor, origin, AR guidance with a
-random guide sharing the vocabulary), sampling settings with a fixed seed, CFG, early stop, the EOS switches and a
-cache with its settings, and checks the invariants every configuration must keep:
+and block layout, steps, schedule, scorer, commit policy (steps, threshold, factor, entropy bound, origin, AR
+guidance with a random guide sharing the vocabulary), position decay, sampling settings with a fixed seed, CFG, early
+stop, the EOS switches, a cache with its settings and a suffix window, and checks the invariants every configuration must keep:
 
 - no mask id in the output, the prompt unchanged, exact shapes, NFE within its bound, every position's commit step
   within [1, NFE] (and asking for the commit trace changes nothing);
@@ -35,7 +35,7 @@ CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 CI_EXAMPLES = int(os.environ.get("DLM_FUZZ_EXAMPLES", "300"))
 NIGHTLY_EXAMPLES = int(os.environ.get("DLM_FUZZ_NIGHTLY_EXAMPLES", "5000"))
 MASK, EOS, EOT = 500, 501, 502
-CACHES = [None, "prefix", "dual", "freecache", "dllm", "d2cache"]
+CACHES = [None, "prefix", "dual", "freecache", "dllm", "d2cache", "elastic"]
 PROBABILITY_SCORERS = ["low_confidence", "maskgit_plus", "topk_margin"]
 ALL_SCORERS = [*PROBABILITY_SCORERS, "entropy", "random"]
 
@@ -92,7 +92,7 @@ def cases(draw) -> Case:
               "logits_eos_inf": draw(st.booleans()),
               "confidence_eos_eot_inf": draw(st.booleans()),
               "eot_token_id": EOT}
-    policy = draw(st.sampled_from(["steps", "steps", "threshold", "factor", "origin", "guided"]))
+    policy = draw(st.sampled_from(["steps", "steps", "threshold", "factor", "entropy_bound", "origin", "guided"]))
     sampled = draw(st.booleans()) and policy != "guided"
     if sampled:
         kwargs["temperature"] = draw(st.sampled_from([0.5, 1.0]))
@@ -110,6 +110,9 @@ def cases(draw) -> Case:
     elif policy == "factor":
         kwargs["alg"] = draw(st.sampled_from(PROBABILITY_SCORERS))
         kwargs["factor"] = draw(st.sampled_from([0.5, 1.0, 4.0]))
+    elif policy == "entropy_bound":
+        kwargs["alg"] = draw(st.sampled_from(PROBABILITY_SCORERS))
+        kwargs["entropy_bound"] = draw(st.sampled_from([0.01, 0.5, 5.0]))
     elif policy == "origin":
         kwargs["alg"] = "origin"
     else:
@@ -117,7 +120,11 @@ def cases(draw) -> Case:
                               "verify_chunk": draw(st.sampled_from([1, 3, 32]))}
     if draw(st.integers(0, 4)) == 0:
         kwargs["cfg_scale"] = 1.5
+    if policy != "origin" and draw(st.integers(0, 3)) == 0:
+        kwargs["position_decay"] = draw(st.sampled_from([0.1, 2.0]))
     cache = draw(st.sampled_from(CACHES))
+    if cache not in ("dllm", "d2cache") and draw(st.integers(0, 3)) == 0:
+        kwargs["suffix_window"] = draw(st.sampled_from([0, 1, 4]))
     if cache is not None:
         kwargs["cache_implementation"] = cache
         if cache == "freecache":
@@ -130,6 +137,10 @@ def cases(draw) -> Case:
             kwargs["cache_config"] = {"current_k": draw(st.sampled_from([1, 4, 32])),
                                       "inflate_w": draw(st.sampled_from([0, 2])),
                                       "rollout_p": draw(st.sampled_from([0.0, 0.1]))}
+        elif cache == "elastic":
+            kwargs["cache_config"] = {"gamma": draw(st.sampled_from([-1.0, 0.9, 1.0])),
+                                      "track_num": draw(st.sampled_from([1, 3])),
+                                      "window_size": draw(st.sampled_from([None, None, 1, 3]))}
     # Left padding with EOS, an ordinary id or the mask id (tokenizers whose pad token is the mask)
     return Case(name, prompts, kwargs, seed=draw(st.integers(0, 2**16)), pad_id=draw(st.sampled_from([EOS, 0, MASK])))
 
@@ -173,7 +184,8 @@ def check(case: Case) -> None:
     steps = case.kwargs["steps"]
     assert 1 <= out.nfe <= steps + gen, (out.nfe, steps, gen)
     windowed = case.kwargs.get("cache_implementation") == "d2cache" or (
-        case.kwargs.get("cache_implementation") == "freecache" and case.kwargs["cache_config"]["window_right"])
+        case.kwargs.get("cache_implementation") == "freecache" and case.kwargs["cache_config"]["window_right"]) or (
+        case.kwargs.get("cache_implementation") == "elastic" and case.kwargs["cache_config"]["window_size"])
     # Dream reads position i at i - 1: under a KV cache a block's first position is committed alone at the block's
     # full step (as Fast-dLLM's Dream code does), which can cost one extra step per block.
     blocks = gen // (case.kwargs["block_length"] or gen)
@@ -182,7 +194,7 @@ def check(case: Case) -> None:
     if not windowed:
         assert out.nfe <= max(steps, gen) + forced, (out.nfe, steps, gen)
         if not case.kwargs.get("guidance") and case.kwargs.get("threshold") is None \
-                and case.kwargs.get("factor") is None:
+                and case.kwargs.get("factor") is None and case.kwargs.get("entropy_bound") is None:
             assert out.nfe <= steps + forced, (out.nfe, steps)
     if case.kwargs.get("guidance"):
         assert out.assistant_forwards >= 1
@@ -209,7 +221,7 @@ def check(case: Case) -> None:
         case.checked.append("early stop lossless")
     # the exact settings of the caches equal no cache: dLLM-Cache refreshing everything at every forward, FreeCache
     # with a window over the whole canvas
-    if case.kwargs.get("cache_implementation") is None and case.deterministic:
+    if case.kwargs.get("cache_implementation") is None and case.deterministic and case.kwargs.get("suffix_window") is None:
         for name, config in (("dllm", {"kp": 1, "kr": 1}), ("freecache", {"window_left": 64, "window_right": None})):
             exact = run(case, cache_implementation=name, cache_config=config)[2]
             assert torch.equal(exact.sequences, sequences) and exact.nfe == out.nfe, f"exact {name} differs"
