@@ -13,11 +13,13 @@ EOS), and their mean confidence; then, for every wrong answer, the class of its 
 
     python examples/commit_order_errors.py model_cards/tiny-llada-chain-arith --problems 200
     python examples/commit_order_errors.py model_cards/tiny-llada-chain-arith --block-length 8 --no-threshold
+    python examples/commit_order_errors.py model_cards/tiny-llada-chain-arith --settings '{"position_decay": 0.03}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 
 import torch
@@ -47,12 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-threshold", action="store_true", help="one token per step instead of threshold 0.9")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", type=json.loads, default={},
+                        help='more generation fields as JSON, e.g. \'{"position_decay": 0.03}\'')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     settings = {**BASE_CONFIG, "alg": "low_confidence", "steps": args.gen_length, "block_length": args.block_length,
-                "eos_early_stop": True, "threshold": None if args.no_threshold else 0.9}
+                "eos_early_stop": True, "threshold": None if args.no_threshold else 0.9, **args.settings}
     problems = list(dev_split(args.problems))
     tokens, wrong, confidence = Counter(), Counter(), Counter()
     first_wrong, solved = Counter(), 0
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             elif errors.any():
                 first_wrong[int(classes[row, int(errors.nonzero()[0])])] += 1
     decoding = "one token per step" if args.no_threshold else "threshold 0.9"
+    decoding += "".join(f", {key}={value}" for key, value in args.settings.items())
     print(f"{args.model}: {decoding}, block {args.block_length}, gen {args.gen_length}: "
           f"{solved}/{len(problems)} solved")
     print("| commit order | tokens | share wrong | mean confidence | wrong answers whose first wrong token is here |")

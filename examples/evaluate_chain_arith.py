@@ -11,6 +11,8 @@ the first EOS is what a run without it writes), and it keeps the long canvases a
     vanilla-b8-g256      block 8, length 256
     threshold-b8-g256, dual-threshold-b8-g256   threshold 0.9 at block 8 (without / with the dual cache)
     vanilla-1block-g256  one block (the whole canvas), length 256
+    dual-threshold-pd*, dual-eb*, elastic-*, *-dpad32-*   issue 25: position decay (PC-Sampler), the entropy bound
+                         (EB-Sampler), Elastic-Cache and DPad's suffix window of 32, alone and combined, at 256 / 1024
     bd-*                 block-diffusion models (Fast-dLLM v2; the default rows for one): one token per step
                          (threshold 1) or threshold 0.7-0.9, sub-blocks of 8 or none, at 256 and 1024
 
@@ -39,6 +41,7 @@ from dlm_generation.benchmark import BASE_CONFIG, calibration, solve
 from dlm_generation.tasks import accuracy, dev_split
 
 THRESHOLD = {"alg": "low_confidence", "threshold": 0.9}
+DUAL = {"cache_implementation": "dual"}
 ROWS = {  # name -> (generation length, block length or None for one block, extra settings)
     "vanilla-b32-g256": (256, 32, {}),
     "vanilla-b32-g1024": (1024, 32, {}),
@@ -54,6 +57,31 @@ ROWS = {  # name -> (generation length, block length or None for one block, extr
     "d2cache-1block-g256": (256, None, {"cache_implementation": "d2cache", "alg": "low_confidence"}),
     "d2cache-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "d2cache",
                                              "cache_config": {"certainty_prior": False}}),
+    # Issue 25: parallel decoding that keeps its accuracy at block 32 and flat cost to gen 1024. Position decay
+    # (PC-Sampler), the entropy bound (EB-Sampler), Elastic-Cache and DPad's suffix window, alone and combined.
+    "dual-threshold-pd0.03-b32-g256": (256, 32, {**THRESHOLD, **DUAL, "position_decay": 0.03}),
+    "dual-threshold-pd0.1-b32-g256": (256, 32, {**THRESHOLD, **DUAL, "position_decay": 0.1}),
+    "dual-threshold0.8-pd0.1-b32-g256": (256, 32, {**DUAL, "alg": "low_confidence", "threshold": 0.8,
+                                                   "position_decay": 0.1}),
+    "dual-eb0.1-b32-g256": (256, 32, {**DUAL, "entropy_bound": 0.1}),
+    "dual-eb0.03-b32-g256": (256, 32, {**DUAL, "entropy_bound": 0.03}),
+    "elastic-threshold-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "elastic"}),
+    "elastic-threshold-pd0.03-b32-g256": (256, 32, {**THRESHOLD, "cache_implementation": "elastic",
+                                                    "position_decay": 0.03}),
+    "dual-threshold-dpad32-b32-g256": (256, 32, {**THRESHOLD, **DUAL, "suffix_window": 32}),
+    "dual-threshold-pd0.03-dpad32-b32-g256": (256, 32, {**THRESHOLD, **DUAL, "position_decay": 0.03,
+                                                        "suffix_window": 32}),
+    "dual-threshold-pd0.03-b32-g1024": (1024, 32, {**THRESHOLD, **DUAL, "position_decay": 0.03}),
+    "dual-threshold0.8-pd0.03-dpad32-b32-g256": (256, 32, {**DUAL, "alg": "low_confidence", "threshold": 0.8,
+                                                           "position_decay": 0.03, "suffix_window": 32}),
+    "dual-threshold0.7-pd0.05-dpad32-b32-g256": (256, 32, {**DUAL, "alg": "low_confidence", "threshold": 0.7,
+                                                           "position_decay": 0.05, "suffix_window": 32}),
+    "dual-threshold0.8-pd0.03-dpad32-b32-g1024": (1024, 32, {**DUAL, "alg": "low_confidence", "threshold": 0.8,
+                                                             "position_decay": 0.03, "suffix_window": 32}),
+    "dual-threshold0.7-pd0.05-dpad32-b32-g1024": (1024, 32, {**DUAL, "alg": "low_confidence", "threshold": 0.7,
+                                                             "position_decay": 0.05, "suffix_window": 32}),
+    "dual-threshold-pd0.03-dpad32-b32-g1024": (1024, 32, {**THRESHOLD, **DUAL, "position_decay": 0.03,
+                                                         "suffix_window": 32}),
     # Block-diffusion models (Fast-dLLM v2): the exact block cache by default; one token per step is threshold 1
     # (probability > 1 never holds: only the most confident position), as the reference's generate defaults to.
     "bd-one-token-sb8-g256": (256, 32, {"threshold": 1.0, "sub_block_length": 8}),

@@ -30,9 +30,9 @@ problems = [
 ]
 inputs = tokenizer.apply_chat_template([[{"role": "user", "content": p.question}] for p in problems],
                                        add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
-# Block 32 and no cache unless the row says so (the shipped generation_config.json holds threshold 0.9 + the dual
-# cache at block 8). alg=None is the family's scorer (Dream: entropy); a threshold compares probabilities, so those
-# rows use maskgit_plus.
+# Block 32 and no cache unless the row says so (the shipped generation_config.json holds a threshold with the dual
+# cache, position decay and a suffix window; None sets each back to the default). alg=None is the family's scorer
+# (Dream: entropy); a threshold compares probabilities, so those rows use maskgit_plus.
 configurations = {
     "vanilla (one token per step)": dict(threshold=None, alg=None, cache_implementation=None),
     "threshold 0.9": dict(threshold=0.9, alg="maskgit_plus", cache_implementation=None),
@@ -41,7 +41,7 @@ configurations = {
 outputs = {}
 for label, overrides in configurations.items():
     out = model.diffusion_generate(**inputs, block_length=32, eos_early_stop=True, output_commit_steps=True,
-                                   return_dict_in_generate=True, **overrides)
+                                   position_decay=None, suffix_window=None, return_dict_in_generate=True, **overrides)
     completions = tokenizer.batch_decode(out.sequences[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     solved = sum(is_correct(c, p) for c, p in zip(completions, problems))
     print(f"{label}: {out.nfe} forwards, {solved}/{len(problems)} correct")

@@ -135,11 +135,24 @@ def test_benchmark_end_to_end(tmp_path, capsys):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_benchmark_measures_speedups_against_the_chosen_baseline(tmp_path, capsys):
+    json_path = tmp_path / "report.json"
+    assert benchmark.main([str(LLADA), "--block-length", "8", "--problems", "2", "--gen-lengths", "32",
+                           "--batch-sizes", "2", "--repeats", "1", "--configs", "vanilla+eos", "threshold-0.9+eos",
+                           "--baseline", "vanilla+eos", "--json", str(json_path)]) == 0
+    assert "speedup vs vanilla+eos" in capsys.readouterr().out
+    report = json.loads(json_path.read_text())
+    rows = {r["config"]: r for r in report["rows"]}
+    assert report["baseline"] == "vanilla+eos" and rows["vanilla+eos"]["speedup"] == 1.0
+    assert rows["threshold-0.9+eos"]["speedup"] == rows["vanilla+eos"]["seconds"] / rows["threshold-0.9+eos"]["seconds"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--configs", "vanilla", "nonsense"], "unknown decoding configuration 'nonsense'"),
         (["--configs", "threshold-0.9"], "must include 'vanilla'"),
+        (["--configs", "vanilla", "threshold-0.9", "--baseline", "vanilla+eos"], "must include 'vanilla+eos'"),
         (["--gen-lengths", "48"], "multiple of --block-length 32"),
         (["--configs", "vanilla", "x:threshold"], "expected key=value"),
         (["--dtype", "float33"], "not a torch dtype"),
@@ -223,3 +236,23 @@ def test_commit_order_classes_and_report(capsys):
         "| frontier", "| parallel", "| ahead"]
     solved = int(lines[0].rsplit(" ", 2)[1].split("/")[0])
     assert 4 - solved == sum(int(line.split("|")[5]) for line in lines[3:])  # each wrong answer counted once
+
+
+def test_benchmark_rows_do_not_inherit_the_shipped_configuration():
+    """Only `model-default` reads the model's generation_config.json: every field the shipped configurations set
+    that changes decoding is reset by the benchmark's base settings."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from dlm_generation.configuration_diffusion import DIFFUSION_DEFAULTS
+
+    fixed = {"block_length", "steps", "max_new_tokens", "mask_token_id"}  # the benchmark sets these per row
+    for folder in (LLADA, DREAM):
+        shipped = json.loads((folder / "generation_config.json").read_text())
+        decoding = {k for k in shipped if k in DIFFUSION_DEFAULTS or k in ("cache_implementation", "cache_config")}
+        assert decoding - fixed <= set(benchmark.BASE_CONFIG), folder
+    model = AutoModelForCausalLM.from_pretrained(LLADA)
+    resolved = model._prepare_generation_config(None, dict(benchmark.BASE_CONFIG))
+    assert resolved.position_decay is None and resolved.suffix_window is None and resolved.threshold is None
+    assert resolved.cache_implementation is None

@@ -61,10 +61,10 @@ def test_validation_says_what_to_change():
 
 
 def test_a_call_s_policy_replaces_the_one_the_model_ships(llada_chain_arith, tmp_path):
-    """The shipped LLaDA's generation_config holds threshold 0.9: a call (or a passed config) with entropy_bound
+    """The shipped LLaDA's generation_config holds a threshold (0.7): a call (or a passed config) with entropy_bound
     decodes with the bound alone; two policies chosen explicitly raise."""
     model = llada_chain_arith
-    assert model.generation_config.threshold == 0.9
+    assert model.generation_config.threshold == 0.7
     config = model._prepare_generation_config(None, {"entropy_bound": 0.3})
     assert (config.entropy_bound, config.threshold) == (0.3, None)
     saved = DiffusionGenerationConfig(entropy_bound=0.3)

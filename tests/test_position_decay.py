@@ -12,7 +12,7 @@ PROMPT = "Question: Start with 63. Subtract 39. Add 46. What is the result?\nAns
 
 def decode(model, tokenizer, **settings):
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    settings = {"threshold": None, **settings}
+    settings = {"threshold": None, "position_decay": None, "suffix_window": None, **settings}
     return model.diffusion_generate(ids, max_new_tokens=64, block_length=32, cache_implementation=None,
                                     eos_early_stop=False, return_dict_in_generate=True, output_commit_steps=True,
                                     **settings)

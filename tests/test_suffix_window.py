@@ -84,3 +84,18 @@ def test_refusals_say_what_to_change(llada_chain_arith, chain_arith_tokenizer):
         with pytest.raises(ValueError, match=f"the '{cache}' cache chooses positions over the whole canvas"):
             llada_chain_arith.diffusion_generate(ids, max_new_tokens=64, block_length=32, suffix_window=8,
                                                  cache_implementation=cache)
+
+
+def test_a_call_s_cache_or_policy_drops_what_it_would_only_inherit(llada_chain_arith):
+    """The shipped LLaDA holds suffix_window and position_decay: a call's d2Cache drops the inherited window (and
+    an explicit window with it raises), a call's own policy drops the inherited decay."""
+    shipped = llada_chain_arith.generation_config
+    assert shipped.suffix_window == 32 and shipped.position_decay == 0.05
+    resolve = llada_chain_arith._prepare_generation_config
+    assert resolve(None, {}).suffix_window == 32
+    assert resolve(None, {"cache_implementation": "d2cache"}).suffix_window is None
+    assert resolve(None, {"cache_implementation": "elastic"}).suffix_window == 32
+    assert resolve(None, {"cache_implementation": "d2cache", "suffix_window": 8}).suffix_window == 8  # raises later
+    assert resolve(None, {"threshold": 0.9}).position_decay is None
+    assert resolve(None, {"threshold": 0.9, "position_decay": 0.2}).position_decay == 0.2
+    assert resolve(None, {"suffix_window": None}).suffix_window is None  # None: back to the default (no window)

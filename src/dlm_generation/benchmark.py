@@ -5,7 +5,7 @@
 
 For every generation length x batch size it runs the named decoding configurations (default: all of
 `NAMED_CONFIGS`) on the first `--problems` dev problems and prints one table: accuracy, NFE (model forwards per
-generate call), tokens per forward, tokens/s, speedup vs `vanilla` (same length and batch size, median wall time of
+generate call), tokens per forward, tokens/s, speedup vs `vanilla` (or `--baseline`; same length and batch size, median wall time of
 `--repeats` timed passes), peak memory, and the share of wall time spent outside model forwards (loop overhead).
 An autoregressive model (`--ar-model`, through `transformers`' `generate` with its KV cache) is a baseline row and
 the guide of the AR-guided configurations (``guided*``); the table then also gives the guide's forwards per call
@@ -66,6 +66,17 @@ NAMED_CONFIGS["d2cache"] = {"cache_implementation": "d2cache", "block_length": N
 NAMED_CONFIGS["d2cache+eos"] = {**NAMED_CONFIGS["d2cache"], "eos_early_stop": True}
 NAMED_CONFIGS["d2cache+threshold-0.9+eos"] = {"cache_implementation": "d2cache",
                                               "cache_config": {"certainty_prior": False}, **THRESHOLD_EOS}
+# Issue 25: accuracy-keeping parallel decoding and flat cost on long canvases, alone and combined with the dual cache:
+# PC-Sampler's position decay, EB-Sampler's entropy bound, Elastic-Cache, DPad's suffix window.
+_DUAL_THRESHOLD_EOS = {"cache_implementation": "dual", **THRESHOLD_EOS}
+NAMED_CONFIGS["dual+threshold-0.9+pd-0.03+eos"] = {**_DUAL_THRESHOLD_EOS, "position_decay": 0.03}
+NAMED_CONFIGS["dual+eb-0.1+eos"] = {"cache_implementation": "dual", "entropy_bound": 0.1, "eos_early_stop": True}
+NAMED_CONFIGS["elastic+threshold-0.9+eos"] = {"cache_implementation": "elastic", **THRESHOLD_EOS}
+NAMED_CONFIGS["dual+threshold-0.9+dpad-32+eos"] = {**_DUAL_THRESHOLD_EOS, "suffix_window": 32}
+NAMED_CONFIGS["dual+threshold-0.9+pd-0.03+dpad-32+eos"] = {**_DUAL_THRESHOLD_EOS, "position_decay": 0.03,
+                                                           "suffix_window": 32}
+NAMED_CONFIGS["elastic+threshold-0.9+pd-0.03+dpad-32+eos"] = {"cache_implementation": "elastic", **THRESHOLD_EOS,
+                                                              "position_decay": 0.03, "suffix_window": 32}
 # AR-guided diffusion (FlashDLM) with the --ar-model as the guide: the whole canvas as one window (FlashDLM's
 # setting), within Fast-dLLM's blocks, lossless (speculative), and with the caches FlashDLM pairs it with.
 GUIDED = {"guidance": {"strategy": "deterministic"}, "block_length": None}
@@ -82,7 +93,10 @@ RESERVED_KEYS = {"input_ids", "attention_mask", "max_new_tokens", "return_dict_i
 # Vanilla is one token per step for every family, so the schedule is "linear": Dream's reference "eps" schedule
 # commits no token at a block's first step and two at its last (pass `NAME:schedule=eps` to measure it).
 # cache_implementation None: no cache, whatever the model's generation_config.json ships.
-BASE_CONFIG = {"alg": None, "schedule": "linear", "threshold": None, "factor": None, "cache_implementation": None,
+# Every field a shipped generation_config.json may set that changes decoding, reset (None: back to the library or
+# family default), so that only `model-default` reads the model's own configuration.
+BASE_CONFIG = {"alg": None, "schedule": "linear", "threshold": None, "factor": None, "entropy_bound": None,
+               "position_decay": None, "suffix_window": None, "cache_implementation": None, "cache_config": None,
                "eos_early_stop": False, "temperature": 0.0}
 
 
@@ -370,7 +384,7 @@ def one_block(settings: dict, gen_length: int) -> tuple[int, dict]:
 
 
 def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, batch_size: int, repeats: int,
-            log=print) -> list[Row]:
+            log=print, baseline: str = VANILLA) -> list[Row]:
     """Rows for `candidates` on `problems`: per candidate a warm-up call and an instrumented pass, then timed
     passes round-robin over the candidates (so drift of the machine affects all alike) until each has `repeats`
     timings; the median is reported. On CUDA the instrumented pass synchronises around forwards, so it is not
@@ -389,7 +403,7 @@ def measure(candidates: list[Candidate], tokenizer, problems, gen_length: int, b
             if len(candidate.seconds) < repeats:
                 candidate.seconds.append(candidate.run(tokenizer, problems, gen_length, batch_size, sync).seconds)
     rows = [c.row(problems, gen_length, batch_size) for c in candidates]
-    vanilla = next(r for r in rows if r.config == VANILLA)
+    vanilla = next(r for r in rows if r.config == baseline)
     ar = next((r for r in rows if r.config == AR_BASELINE), None)
     for row in rows:
         row.speedup = vanilla.seconds / row.seconds
@@ -447,7 +461,7 @@ def format_scaling(rows: list[Row]) -> str | None:
     return "\n\n".join(tables)
 
 
-def plot(rows: list[Row], path: Path, title: str) -> None:
+def plot(rows: list[Row], path: Path, title: str, baseline: str = VANILLA) -> None:
     """Accuracy against speedup, one series per (generation length, batch size)."""
     import matplotlib
 
@@ -465,7 +479,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
                         textcoords="offset points")
     ax.set_ylim(-2, 102)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("speedup vs vanilla (wall time, same run)")
+    ax.set_xlabel(f"speedup vs {baseline} (wall time, same run)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -478,8 +492,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path: str | Path | None = None,
         problems: int = 500, gen_lengths: tuple[int, ...] = (64,), batch_sizes: tuple[int, ...] = (50,),
         block_length: int = 32, repeats: int = 3, device: str = "cpu", dtype: str = "float32",
-        log=print) -> dict:
-    """Run the benchmark and return its report (rows as dicts plus machine facts); see the module docstring."""
+        log=print, baseline: str = VANILLA) -> dict:
+    """Run the benchmark and return its report (rows as dicts plus machine facts); see the module docstring.
+    `baseline` names the configuration the speedups are measured against (default `vanilla`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import DiffusionGenerationMixin
@@ -489,8 +504,9 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
     names = [name for name, _ in parsed]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique, got {names}")
-    if VANILLA not in names:
-        raise ValueError("the configurations must include 'vanilla': every speedup is measured against it")
+    if baseline not in names:
+        raise ValueError(f"the configurations must include {baseline!r}: every speedup is measured against it"
+                         + (" (--baseline names another configuration)" if baseline == VANILLA else ""))
     bad = [g for g in gen_lengths if g <= 0 or g % block_length]
     if bad:
         raise ValueError(f"every generation length must be a positive multiple of --block-length {block_length},"
@@ -539,10 +555,10 @@ def run(model_path: str | Path, configs: list[str] | None = None, ar_model_path:
             for batch_size in batch_sizes:
                 for candidate in candidates:
                     candidate.first, candidate.seconds = None, []
-                rows += measure(candidates, tokenizer, dev, gen_length, batch_size, repeats, log)
+                rows += measure(candidates, tokenizer, dev, gen_length, batch_size, repeats, log, baseline)
     return {
         "task": "chain-arith dev", "model": str(model_path), "ar_model": str(ar_model_path) if ar_model_path else None,
-        "device": device, "dtype": dtype, "block_length": block_length, "repeats": repeats,
+        "device": device, "dtype": dtype, "block_length": block_length, "repeats": repeats, "baseline": baseline,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None},
@@ -570,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG of accuracy against speedup here (needs matplotlib)")
+    parser.add_argument("--baseline", default=VANILLA,
+                        help="the configuration speedups are measured against (default: vanilla; e.g. vanilla+eos "
+                             "where vanilla at a long canvas would take hours)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -579,13 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args.model, args.configs, args.ar_model, args.problems, tuple(args.gen_lengths),
                      tuple(args.batch_sizes), args.block_length, args.repeats, args.device, dtype,
-                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True), baseline=args.baseline)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     report["command"] = " ".join(["python -m dlm_generation.benchmark", *(sys.argv[1:] if argv is None else argv)])
     rows = [Row(**r) for r in report["rows"]]
     print(f"chain-arith dev, {report['rows'][0]['problems']} problems, {args.model}, {args.device} {dtype}, "
-          f"{report['machine']['threads']} threads, block_length {args.block_length}, median of {args.repeats}")
+          f"{report['machine']['threads']} threads, block_length {args.block_length}, median of {args.repeats}"
+          + (f", speedup vs {args.baseline}" if args.baseline != VANILLA else ""))
     print(format_table(rows))
     scaling = format_scaling(rows)
     if scaling:
@@ -595,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, args.plot, f"chain-arith dev: {Path(args.model).name} ({args.device} {dtype})")
+        plot(rows, args.plot, f"chain-arith dev: {Path(args.model).name} ({args.device} {dtype})", args.baseline)
     return 0
 
 

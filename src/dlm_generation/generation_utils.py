@@ -301,7 +301,8 @@ class DiffusionGenerationMixin(GenerationMixin):
         attention_mask = kwargs.pop("attention_mask", None)
         tokenizer = kwargs.pop("tokenizer", None)
         assistant_tokenizer = kwargs.pop("assistant_tokenizer", None)
-        config = self._prepare_generation_config(generation_config, kwargs, guided=assistant_model is not None)
+        config = self._prepare_generation_config(generation_config, kwargs, guided=assistant_model is not None,
+                                                 cache=past_key_values)
         input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, config)
         given_prompt, input_ids = input_ids, self._unmask_padding(input_ids, attention_mask, config)
         batch, prompt_len = input_ids.shape
@@ -697,7 +698,7 @@ class DiffusionGenerationMixin(GenerationMixin):
 
     # ------------------------------------------------------------------------------------------ 1. config
     def _prepare_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict,
-                                   guided: bool = False) -> DiffusionGenerationConfig:
+                                   guided: bool = False, cache: Any = None) -> DiffusionGenerationConfig:
         """Apply the precedence rule once; return a validated, fully resolved config. Consumes `kwargs`.
 
         When this call asks for AR guidance (`guidance=` in the call or in the passed config, or `guided`: an
@@ -737,12 +738,29 @@ class DiffusionGenerationMixin(GenerationMixin):
         defaults = {**LIBRARY_DEFAULTS, **self.diffusion_generation_defaults}
         resolved.update({k: (v if v is not None else defaults.get(k)) for k, v in call_kwargs.items()})
         # A parallel-decoding policy chosen by this call (or its passed config) replaces the alternatives it would
-        # only inherit (a model that ships threshold 0.9 still decodes with a call's entropy_bound).
-        chosen = {name for name in POLICY_FIELDS if call_kwargs.get(name) is not None or layers[2].get(name) is not None}
+        # only inherit (a model that ships threshold 0.9 still decodes with a call's entropy_bound), and the position
+        # decay that calibrates the inherited policy's scores (unless the call sets one too).
+        def explicit(name: str) -> bool:
+            return call_kwargs.get(name) is not None or layers[2].get(name) is not None
+
+        chosen = {name for name in POLICY_FIELDS if explicit(name)}
         if chosen:
             for name in POLICY_FIELDS:
                 if name not in chosen:
                     resolved[name] = None
+            if not explicit("position_decay"):
+                resolved["position_decay"] = None
+        # A cache chosen by this call (a name, or an instance as past_key_values) that plans over the whole canvas
+        # drops a suffix window it would only inherit (a model that ships suffix_window still runs a call's d2Cache).
+        cache_chosen = cache is not None or explicit("cache_implementation")
+        if resolved.get("suffix_window") is not None and cache_chosen and not explicit("suffix_window"):
+            if cache is not None:
+                supported = cache.supports_suffix_window or type(cache) is DiffusionCache
+            else:
+                cache_class = DIFFUSION_CACHE_CLASSES.get(resolved.get("cache_implementation"))
+                supported = cache_class is None or cache_class.supports_suffix_window
+            if not supported:
+                resolved["suffix_window"] = None
         for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
             if resolved.get(name) is None:
                 resolved[name] = getattr(self.config, name, None)
