@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                 solved += 1
             elif errors.any():
                 first_wrong[int(classes[row, int(errors.nonzero()[0])])] += 1
-    decoding = "one token per step" if args.no_threshold else "threshold 0.9"
-    decoding += "".join(f", {key}={value}" for key, value in args.settings.items())
+    decoding = "one token per step" if settings["threshold"] is None else f"threshold {settings['threshold']}"
+    decoding += "".join(f", {key}={value}" for key, value in args.settings.items() if key != "threshold")
     print(f"{args.model}: {decoding}, block {args.block_length}, gen {args.gen_length}: "
           f"{solved}/{len(problems)} solved")
     print("| commit order | tokens | share wrong | mean confidence | wrong answers whose first wrong token is here |")

@@ -77,7 +77,9 @@ def test_diffusion_model_solves_problems(tokenizer, family, folder, cls):
     shipped = model.generation_config
     # the shipped configuration is the card's (train_chain_arith.RECOMMENDED): gen 256, the lossless early stop
     assert (shipped.max_new_tokens, shipped.eos_early_stop) == (256, True)
-    assert (shipped.block_length, shipped.threshold, shipped.cache_implementation) == (8, 0.9, "dual")
+    expected = {"llada": (0.7, 0.05), "dream": (0.8, 0.03)}[family]  # threshold, position decay (issue 25)
+    assert (shipped.block_length, shipped.cache_implementation, shipped.suffix_window) == (32, "dual", 32)
+    assert (shipped.threshold, shipped.position_decay) == expected
     # vanilla on a 128-token canvas (every answer fits in 64): half the cost of 256, the same decoding of the answer
     vanilla = benchmark.solve(model, tokenizer, PROBLEMS, 128, 8, {**benchmark.BASE_CONFIG, "steps": 128,
                                                                    "block_length": 32, "eos_early_stop": True})
@@ -247,7 +249,8 @@ def test_benchmark_rows_do_not_inherit_the_shipped_configuration():
 
     from dlm_generation.configuration_diffusion import DIFFUSION_DEFAULTS
 
-    fixed = {"block_length", "steps", "max_new_tokens", "mask_token_id"}  # the benchmark sets these per row
+    # the benchmark sets these per row; eps only shapes the "eps" schedule, and the base schedule is linear
+    fixed = {"block_length", "steps", "max_new_tokens", "mask_token_id", "eps"}
     for folder in (LLADA, DREAM):
         shipped = json.loads((folder / "generation_config.json").read_text())
         decoding = {k for k in shipped if k in DIFFUSION_DEFAULTS or k in ("cache_implementation", "cache_config")}

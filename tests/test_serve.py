@@ -48,7 +48,7 @@ QUESTIONS = [f"Start with {a}. {op} {b}." for a, op, b in
               (91, "Subtract", 45), (17, "Add", 26), (70, "Subtract", 12)]]
 # A request that holds its row for minutes: one token per step, no early stop (cancelled by the tests).
 SLOW = {"max_tokens": 512, "extra_body": {"steps": 512, "block_length": 8, "threshold": None,
-                                         "eos_early_stop": False}}
+                                         "suffix_window": None, "eos_early_stop": False}}
 
 
 # ---------------------------------------------------------------------------------------------------- the server
@@ -261,7 +261,7 @@ def test_stop_strings_cut_the_text_streamed_or_not(server):
 
 @pytest.mark.parametrize("body, status, code, words", [
     ({"block_length": 0}, 400, "invalid_value", "block_length must be a positive integer"),
-    ({"max_tokens": 30}, 400, "invalid_value", "must be a multiple of block_length (8)"),
+    ({"max_tokens": 30}, 400, "invalid_value", "must be a multiple of block_length (32)"),
     ({"cache_implementation": "bogus"}, 400, "invalid_value", "is not a diffusion cache"),
     ({"blok_length": 8}, 400, "unknown_parameter", "did you mean 'block_length'"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "unknown_parameter", "/v1/chat/completions"),
@@ -356,7 +356,7 @@ def test_killed_replica_fails_its_requests_and_is_restarted(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": NAME, "prompt": completion_prompt(QUESTIONS[4]), "max_tokens": 512,
             "steps": 512, "block_length": 8, "threshold": None, "cache_implementation": None,
-            "eos_early_stop": False}  # one token per forward, for minutes
+            "suffix_window": None, "eos_early_stop": False}  # one token per forward, for minutes
     pid = client.models.list().data[0].model_extra["dlm"]["pid"]
     assert isinstance(pid, int) and pid != server.process.pid
     results: dict = {}
