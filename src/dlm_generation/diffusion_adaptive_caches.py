@@ -44,7 +44,27 @@ def padded_rows(chosen: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     return order, chosen.gather(1, order)
 
 
-class DLLMCache(DiffusionCache):
+class LayerRowsCache(DiffusionCache):
+    """A cache that runs every position through every layer but recomputes only some rows per layer
+    (`recompute_rows` fills `self.rows[layer_idx]`: None for all of them, else `padded_rows`' rows and validity), and
+    reuses the stored attention / FFN outputs of the others. Subclasses set `self.outputs = {}` and `self.rows = {}`
+    in `begin_generation`."""
+
+    def _per_row(self, values: torch.Tensor, batch: int) -> torch.Tensor:
+        """Per-row values of the canvas rows for the forward's rows (CFG runs the canvas twice: cond, uncond)."""
+        return values.repeat(batch // values.shape[0], *([1] * (values.dim() - 1)))
+
+    def reuse(self, layer_idx, name, output):
+        selection = self.rows.get(layer_idx)
+        if selection is None:
+            self.outputs[layer_idx, name] = output
+            return output
+        stored = self.outputs[layer_idx, name]
+        scatter_rows(stored, 1, *selection, output)
+        return stored
+
+
+class DLLMCache(LayerRowsCache):
     """dLLM-Cache: long-interval prompt refresh (`kp`), short-interval response refresh (`kr`) and, in between,
     recomputation of the `rou` share of response rows whose values drifted most (see the module docstring)."""
 
@@ -89,10 +109,6 @@ class DLLMCache(DiffusionCache):
         self.outputs, self.rows = {}, {}
 
     # ----------------------------------------------------------------------------------------- model side
-    def _per_row(self, flags: torch.Tensor, batch: int) -> torch.Tensor:
-        """Per-row flags of the canvas rows for the forward's rows (CFG runs the canvas twice: cond, uncond)."""
-        return flags.repeat(batch // flags.shape[0])
-
     def recompute_rows(self, layer_idx, value):
         if self.everything or layer_idx == 0 or layer_idx not in self.kv:
             self.rows[layer_idx] = None  # everything recomputed (layer 0 always, as in the reference)
@@ -127,15 +143,6 @@ class DLLMCache(DiffusionCache):
         self.kv.write(layer_idx, prompt, value=value[:, :, prompt:],
                       own=self._per_row(self.refresh_response | verified, batch)[:, None])
         return self.kv.read(layer_idx)
-
-    def reuse(self, layer_idx, name, output):
-        selection = self.rows.get(layer_idx)
-        if selection is None:
-            self.outputs[layer_idx, name] = output
-            return output
-        stored = self.outputs[layer_idx, name]
-        scatter_rows(stored, 1, *selection, output)
-        return stored
 
 
 # ---------------------------------------------------------------------------------------------------------- d2Cache
@@ -351,7 +358,7 @@ class D2Cache(DiffusionCache):
         return self.kv.read(layer_idx, step.key_end)
 
 
-class ElasticCache(DiffusionCache):
+class ElasticCache(LayerRowsCache):
     """Elastic-Cache (arXiv 2510.14973): keys, values and per-layer outputs of every position; each step recomputes
     only the decoding window, and refreshes the cache of the other positions from the layer where attention drifts.
 
@@ -434,7 +441,8 @@ class ElasticCache(DiffusionCache):
         self.refresh_from = torch.full((canvas.shape[0],), -1 if self.full else 1 << 30, device=canvas.device)
         self.queries = torch.ones_like(queries) if self.full else queries
         self.length = end
-        self.query_rows = self.weight_rows = None
+        self.query_rows = self.query_weight_rows = self.weight_rows = None
+        self.query_built = False  # the step's query rows (the same for every layer that does not refresh)
         # The loop commits only inside the window (its queries), even when a full forward computes every position.
         self.current = CacheStep(0, end, end, row_queries=queries)
         return self.current
@@ -456,24 +464,36 @@ class ElasticCache(DiffusionCache):
         self.outputs, self.rows, self.tracked, self.previous = {}, {}, {}, {}
 
     # ----------------------------------------------------------------------------------------- model side
-    def _per_row(self, values: torch.Tensor, batch: int) -> torch.Tensor:
-        """Per-row values of the canvas rows for the forward's rows (CFG runs the canvas twice: cond, uncond)."""
-        return values.repeat(batch // values.shape[0], *([1] * (values.dim() - 1)))
-
     def recompute_rows(self, layer_idx, value):
         batch = value.shape[0]
         refreshing = self._per_row(self.refresh_from, batch) < layer_idx  # rows refreshing from before this layer
         if not bool(refreshing.any()):  # the layer's host synchronisation; the step's queries (rows built once)
-            if self.query_rows is None:
+            if not self.query_built:
+                self.query_built = True
                 chosen = self._per_row(self.queries, batch)
                 count = int(chosen.sum(-1).max())
                 self.query_rows = None if count == self.length else padded_rows(chosen, max(count, 1))
-            self.rows[layer_idx] = self.query_rows
+                self.query_weight_rows = self._weight_rows(self.query_rows)
+            self.rows[layer_idx], self.weight_rows = self.query_rows, self.query_weight_rows
         else:
             chosen = self._per_row(self.queries, batch) | refreshing[:, None]
             count = int(chosen.sum(-1).max())
             self.rows[layer_idx] = None if count == self.length else padded_rows(chosen, count)
+            self.weight_rows = self._weight_rows(self.rows[layer_idx])
         return None if self.rows[layer_idx] is None else self.rows[layer_idx][0]
+
+    def _weight_rows(self, selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a layer's rows (None: every position), the forward rows of the window's masked queries (the drift
+        test's queries), padded per row: (index into the forward's rows, validity, canvas positions)."""
+        batch = self.window.shape[0]
+        if selection is None:
+            forward_rows = torch.arange(self.length, device=self.window.device).expand(batch, -1)
+            counted = self.window
+        else:
+            forward_rows = selection[0][:batch]
+            counted = self.window.gather(1, forward_rows) & selection[1][:batch]
+        index, valid = padded_rows(counted, max(1, int(counted.sum(-1).max())))
+        return index, valid, forward_rows.gather(1, index)
 
     def update(self, key, value, layer_idx):
         self.kv.allocate(layer_idx, key, value, self.canvas_length)
@@ -486,23 +506,12 @@ class ElasticCache(DiffusionCache):
         return self.kv.read(layer_idx, self.length)
 
     def attention_weight_rows(self, layer_idx, batch):
-        # The forward rows of the window's masked queries (the drift test's queries), padded per row.
-        if self.rows[layer_idx] is None:
-            forward_rows = torch.arange(self.length, device=self.window.device).expand(self.window.shape[0], -1)
-            counted = self.window
-        else:
-            forward_rows = self.rows[layer_idx][0][:self.window.shape[0]]
-            counted = self.window.gather(1, forward_rows) & self.rows[layer_idx][1][:self.window.shape[0]]
-        key = (self.rows[layer_idx] is None, id(self.rows[layer_idx]))
-        if self.weight_rows is None or self.weight_rows[0] != key:  # built once per distinct row set of the step
-            index, valid = padded_rows(counted, max(1, int(counted.sum(-1).max())))
-            self.weight_rows = (key, index, valid, forward_rows.gather(1, index))
-        return self._per_row(self.weight_rows[1], batch)
+        return self._per_row(self.weight_rows[0], batch)  # built with the layer's rows (`recompute_rows`)
 
     def observe_attention(self, layer_idx, weights):
         batch, length = self.window.shape
         weights = weights[:batch].float()  # (batch, window queries, keys); CFG's second half left out
-        _, _, valid, positions = self.weight_rows
+        _, valid, positions = self.weight_rows
 
         def at_canvas(values: torch.Tensor) -> torch.Tensor:
             """(batch, window queries, n) -> (batch, length, n) at their canvas positions, zeros elsewhere."""
@@ -525,12 +534,3 @@ class ElasticCache(DiffusionCache):
         top = column.topk(min(self.cache_config["track_num"], column.shape[-1]), dim=-1).indices
         self.tracked[layer_idx] = top
         self.previous[layer_idx] = at_canvas(weights.gather(2, top[:, None, :].expand(-1, weights.shape[1], -1)))
-
-    def reuse(self, layer_idx, name, output):
-        selection = self.rows[layer_idx]
-        if selection is None:
-            self.outputs[layer_idx, name] = output
-            return output
-        stored = self.outputs[layer_idx, name]
-        scatter_rows(stored, 1, *selection, output)
-        return stored

@@ -117,6 +117,11 @@ class DiffusionCache:
     # forwards leave the canvas after it out); a cache that plans over the whole canvas by construction keeps False
     # and the loop refuses `suffix_window` with it.
     supports_suffix_window = False
+
+    def honours_forward_end(self) -> bool:
+        """Whether this cache's forwards end at `forward_end` (`suffix_window` works with it): the null cache's do,
+        a subclass's when it declares `supports_suffix_window`."""
+        return self.supports_suffix_window or type(self) is DiffusionCache
     # True for a cache built for block-causal attention (the block-diffusion models' exact KV cache); the loop refuses
     # it for full-attention models, and block-diffusion models refuse the others.
     block_causal_only = False

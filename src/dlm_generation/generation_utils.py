@@ -450,7 +450,7 @@ class DiffusionGenerationMixin(GenerationMixin):
             uncond_prompt = input_ids.masked_fill(input_ids != mask_id, mask_id)
         strategies = build_strategies(config, self.diffusion_threshold_strict, self.diffusion_threshold_at_least_count)
         cache = self._prepare_diffusion_cache(config, past_key_values)
-        if config.suffix_window is not None and not (cache.supports_suffix_window or type(cache) is DiffusionCache):
+        if config.suffix_window is not None and not cache.honours_forward_end():
             name = getattr(cache, "cache_name", None) or type(cache).__name__
             raise ValueError(
                 f"suffix_window={config.suffix_window} needs a cache whose forwards can end after the block; the "
@@ -755,7 +755,7 @@ class DiffusionGenerationMixin(GenerationMixin):
         cache_chosen = cache is not None or explicit("cache_implementation")
         if resolved.get("suffix_window") is not None and cache_chosen and not explicit("suffix_window"):
             if cache is not None:
-                supported = cache.supports_suffix_window or type(cache) is DiffusionCache
+                supported = cache.honours_forward_end()
             else:
                 cache_class = DIFFUSION_CACHE_CLASSES.get(resolved.get("cache_implementation"))
                 supported = cache_class is None or cache_class.supports_suffix_window
